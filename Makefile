@@ -1,0 +1,67 @@
+# adpredict — every target sets up what it needs; `make run` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.adpredict-installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+DEMO_ROWS ?= 500000
+DEMO_DATA ?= data/demo
+MODELS ?= models
+DEMO_MODEL ?= $(MODELS)/demo
+PORT ?= 50051
+METRICS_PORT ?= 9090
+
+.PHONY: help venv run demo-model serve test lint format proto bench clean
+
+help:
+	@echo "make run    - set up, train the demo model if $(MODELS)/ has none, serve it on localhost:$(PORT)"
+	@echo "make test   - set up, lint, run the test suite"
+	@echo "make bench  - run the benchmarks (a few minutes)"
+	@echo "make proto  - regenerate gRPC code from proto/"
+	@echo "make lint / format / clean"
+
+# The virtualenv is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "adpredict needs Python >= 3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Train the demo model only if the model repository has no version of it yet.
+demo-model: $(STAMP)
+	@if ls -d $(DEMO_MODEL)/[0-9]* >/dev/null 2>&1; then \
+		echo "demo model present: $$(ls -d $(DEMO_MODEL)/[0-9]* | sort -V | tail -1)"; \
+	else \
+		test -f $(DEMO_DATA)/manifest.json || $(VENV)/bin/adpredict synth --rows $(DEMO_ROWS) --out $(DEMO_DATA) --seed 1; \
+		$(VENV)/bin/adpredict train --data $(DEMO_DATA) --model-dir $(DEMO_MODEL); \
+	fi
+
+run: demo-model
+	$(VENV)/bin/adpredict serve --model-dir $(MODELS) --host 127.0.0.1 --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src --grpc_python_out=src proto/adpredict/v1/prediction_service.proto
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_optimizers.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,5 @@
+"""Allow ``python -m adpredict``."""
+
+from adpredict.cli import main
+
+raise SystemExit(main())

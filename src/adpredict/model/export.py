@@ -1,0 +1,235 @@
+"""The model repository: ``MODELS/NAME/<version>/`` SavedModels, written atomically.
+
+Layout (TensorFlow Serving's)::
+
+    MODELS/NAME/1/saved_model.pb       serving signature, no optimizer slots
+    MODELS/NAME/1/variables/...
+    MODELS/NAME/1/adpredict.json       metadata: schema, metrics, data rows, creation time
+    MODELS/NAME/.checkpoints/1/        training checkpoint WITH optimizer slots (optional)
+
+A version is first written to ``MODELS/NAME/.tmp-*`` and renamed to its integer name only
+when complete, so a server polling the directory never sees a half-written version.
+Servers consider only directories whose name is a positive integer.
+
+Serving signature ``serving_default`` (all inputs are required):
+
+    inputs   <context field>    string [R] (multi-valued: [R, M], '' pads)   one row per request
+             <candidate field>  string [B] (multi-valued: [B, M])            one row per candidate
+             request_index      int32  [B]   the request (0..R-1) each candidate belongs to
+    outputs  probability        float32 [B]  click probability per candidate
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from adpredict import __version__
+from adpredict.errors import ModelError, ModelNotFoundError
+from adpredict.model.ctr import CTRModel, serving_input_signature
+from adpredict.schema import Schema
+
+METADATA_FILE = "adpredict.json"
+SIGNATURE = "serving_default"
+OUTPUT = "probability"
+CHECKPOINTS = ".checkpoints"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where a version landed and how big it is."""
+
+    version: int
+    path: Path
+    export_bytes: int
+    checkpoint_path: Path | None = None
+    checkpoint_bytes: int | None = None
+
+
+class _ServingModule(tf.Module):
+    """What gets saved: the model's variables and one signature, nothing else."""
+
+    def __init__(self, model: CTRModel) -> None:
+        super().__init__(name="adpredict")
+        # Only the tf.Variables are tracked (tracking the Keras model too would store every
+        # variable twice), in a fixed order so a warm start can copy them back one by one.
+        self.weights = [v.value for v in model.variables]
+
+        def serve(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {OUTPUT: tf.sigmoid(model(features))}
+
+        self.serve = tf.function(serve, input_signature=[serving_input_signature(model.schema)])
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the regular files under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def list_versions(model_dir: str | Path) -> list[int]:
+    """Published versions (integer-named subdirectories), ascending."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def _publish(tmp: Path, parent: Path, first: int) -> int:
+    """Rename ``tmp`` to the first free integer name >= ``first``; returns it."""
+    version = first
+    while True:
+        try:
+            os.rename(tmp, parent / str(version))
+            return version
+        except OSError:
+            if not (parent / str(version)).exists():
+                raise
+            version += 1
+
+
+def export_model(
+    model: CTRModel,
+    model_dir: str | Path,
+    metadata: dict[str, Any],
+    *,
+    optimizer: Any = None,
+) -> ExportResult:
+    """Save ``model`` as the next version under ``model_dir`` (created if needed).
+
+    With ``optimizer``, also writes a training checkpoint (model + optimizer slots) under
+    ``.checkpoints/<version>``, for warm starts that keep Adam's moments and to report
+    what leaving the slots out saves.
+    """
+    root = Path(model_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        module = _ServingModule(model)
+        tf.saved_model.save(
+            module, str(tmp), signatures={SIGNATURE: module.serve.get_concrete_function()}
+        )
+        meta = dict(metadata)
+        meta.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+        meta["schema"] = model.schema.to_dict()
+        meta["schema_fingerprint"] = model.schema.fingerprint()
+        meta["model"] = model.describe()
+        meta["adpredict_version"] = __version__
+        meta["signature"] = {"name": SIGNATURE, "output": OUTPUT}
+        export_bytes = dir_bytes(tmp)
+        meta["export_bytes"] = export_bytes
+        first = (list_versions(root) or [0])[-1] + 1
+        meta["version"] = first
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        version = _publish(tmp, root, first)
+        if version != first:  # someone else published `first` meanwhile; fix our record
+            meta["version"] = version
+            final = root / str(version) / METADATA_FILE
+            partial = final.with_suffix(".json.tmp")
+            partial.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            os.replace(partial, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ckpt_path = ckpt_bytes = None
+    if optimizer is not None:
+        ckpt_path, ckpt_bytes = _write_checkpoint(model, optimizer, root / CHECKPOINTS, version)
+    return ExportResult(version, root / str(version), export_bytes, ckpt_path, ckpt_bytes)
+
+
+def _write_checkpoint(model: CTRModel, optimizer: Any, parent: Path, version: int) -> tuple[Path, int]:
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    try:
+        tf.train.Checkpoint(model=model, optimizer=optimizer).write(str(tmp / "ckpt"))
+        final = parent / str(version)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, dir_bytes(final)
+
+
+def read_metadata(version_dir: str | Path) -> dict[str, Any]:
+    """The ``adpredict.json`` of an exported version; ``ModelError`` if absent or bad."""
+    path = Path(version_dir) / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{version_dir}: no {METADATA_FILE}; not an adpredict export") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable metadata: {exc}") from None
+    if not isinstance(meta, dict) or "schema" not in meta:
+        raise ModelError(f"{path}: metadata has no schema")
+    return meta
+
+
+def resolve_version_dir(path: str | Path) -> Path:
+    """Accept a version directory, or a model directory (its latest version)."""
+    p = Path(path)
+    if (p / "saved_model.pb").is_file():
+        return p
+    versions = list_versions(p)
+    if not versions:
+        raise ModelNotFoundError(f"{p}: neither an exported version nor a model directory with versions")
+    return p / str(versions[-1])
+
+
+def load_signature(version_dir: str | Path) -> tuple[Any, Schema, dict[str, Any]]:
+    """Load a version's serving function, schema and metadata (no Keras needed)."""
+    vdir = resolve_version_dir(version_dir)
+    meta = read_metadata(vdir)
+    schema = Schema.from_dict(meta["schema"], source=f"{vdir / METADATA_FILE} schema")
+    try:
+        loaded = tf.saved_model.load(str(vdir))
+        fn = loaded.signatures[SIGNATURE]
+    except (KeyError, OSError, ValueError, tf.errors.OpError) as exc:
+        raise ModelError(f"{vdir}: cannot load SavedModel: {exc}") from None
+    fn._adpredict_keepalive = loaded  # the signature does not own its variables
+    return fn, schema, meta
+
+
+def copy_weights_from_export(model: CTRModel, version_dir: str | Path) -> dict[str, Any]:
+    """Warm start: copy every variable of an exported version into ``model``.
+
+    The export must have the same schema fingerprint and architecture; optimizer state
+    starts fresh. Returns the source's metadata.
+    """
+    vdir = resolve_version_dir(version_dir)
+    meta = read_metadata(vdir)
+    if meta.get("schema_fingerprint") != model.schema.fingerprint():
+        raise ModelError(
+            f"--init-from {vdir}: its schema ({meta.get('schema', {}).get('name')!r}, fingerprint "
+            f"{meta.get('schema_fingerprint')}) differs from the data's "
+            f"({model.schema.name!r}, {model.schema.fingerprint()})"
+        )
+    src = meta.get("model", {})
+    want = model.describe()
+    for key in ("kind", "dim", "hidden"):
+        if src.get(key) != want[key]:
+            raise ModelError(
+                f"--init-from {vdir}: its {key} is {src.get(key)!r} but this run trains {want[key]!r}"
+            )
+    loaded = tf.saved_model.load(str(vdir))
+    saved = list(getattr(loaded, "weights", []))
+    if len(saved) != len(model.variables):
+        raise ModelError(
+            f"--init-from {vdir}: {len(saved)} saved variables, the model has {len(model.variables)}"
+        )
+    for src_var, dst in zip(saved, model.variables, strict=True):
+        if tuple(src_var.shape) != tuple(dst.shape):
+            raise ModelError(
+                f"--init-from {vdir}: variable {dst.path} has shape {tuple(src_var.shape)} in the "
+                f"export but {tuple(dst.shape)} in the model"
+            )
+        dst.assign(src_var.numpy())
+    return meta
