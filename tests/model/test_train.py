@@ -1,0 +1,98 @@
+"""Training end to end on small data, and its failure modes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tensorflow.core.example import example_pb2
+
+from adpredict.data import records
+from adpredict.errors import DataError, ModelError
+from adpredict.model.export import list_versions, read_metadata
+from adpredict.model.train import TrainConfig, train
+
+QUIET = {"progress": False, "log": lambda _: None}
+
+
+def test_trained_model_metrics_and_export(small_model_root: Path) -> None:
+    meta = read_metadata(small_model_root / "small" / "1")
+    m = meta["metrics"]
+    assert m["holdout"]["rows"] > 1000
+    assert 0.5 < m["holdout"]["auc"] <= 1
+    assert m["oracle"]["logloss"] < m["holdout"]["logloss"] * 1.0001
+    assert 0.5 < m["holdout"]["calibration"] < 2
+    assert meta["training"]["optimizer"] == "lazyadam"
+    assert meta["data"]["rows"] == 20_000
+
+
+def test_learns_better_than_the_base_rate(small_data_dir: Path, tmp_path: Path) -> None:
+    result = train(small_data_dir, tmp_path / "m", TrainConfig(model="lr", epochs=2), export=False, **QUIET)
+    holdout = result.metrics["holdout"]
+    p = holdout["observed_ctr"]
+    import math
+
+    base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert holdout["logloss"] < base
+    assert holdout["auc"] > 0.6
+    assert result.export is None and not (tmp_path / "m").exists()
+
+
+def test_warm_start_from_previous_version(small_model_root: Path, small_data_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "small"
+    shutil.copytree(small_model_root / "small", models)
+    cfg = TrainConfig(epochs=1, batch_size=512, checkpoint=False, hidden=(16,), init_from=str(models / "1"))
+    result = train(small_data_dir, models, cfg, **QUIET)
+    assert result.export.version == 2
+    assert read_metadata(models / "2")["training"]["warm_start"] == 1
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(ModelError, match="--optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ModelError, match="--epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ModelError, match="--learning-rate"):
+        TrainConfig(learning_rate=-1.0)
+
+
+def test_missing_and_empty_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        train(tmp_path / "nope", tmp_path / "m", TrainConfig(), **QUIET)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        train(tmp_path / "empty", tmp_path / "m", TrainConfig(), **QUIET)
+    assert not (tmp_path / "m").exists()
+
+
+def test_corrupt_shard_is_named_and_nothing_exported(small_data_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small_data_dir, data)
+    shard = data / "part-00003.tfrecord"
+    raw = bytearray(shard.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 64] = b"\xff" * 64
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="part-00003.tfrecord"):
+        train(data, tmp_path / "m", TrainConfig(model="lr"), **QUIET)
+    assert list_versions(tmp_path / "m") == []
+
+
+def test_label_other_than_0_or_1_fails_without_export(small_data_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small_data_dir, data)
+    manifest = json.loads((data / records.MANIFEST).read_text())
+    # Replace one shard with records whose label is 2.
+    import tensorflow as tf
+
+    name = manifest["shards"][0]["file"]
+    with tf.io.TFRecordWriter(str(data / name)) as w:
+        for _ in range(manifest["shards"][0]["rows"]):
+            ex = example_pb2.Example()
+            ex.features.feature["label"].int64_list.value.append(2)
+            w.write(ex.SerializeToString())
+    with pytest.raises(DataError, match="label other than 0 or 1"):
+        train(data, tmp_path / "m", TrainConfig(model="lr"), **QUIET)
+    assert list_versions(tmp_path / "m") == []
