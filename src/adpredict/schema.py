@@ -179,7 +179,7 @@ def _parse_field(raw: Any, index: int, source: str) -> Field:
     if not isinstance(raw, dict):
         raise SchemaError(f"{where}: expected a table, got {type(raw).__name__}")
     name = raw.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise SchemaError(
             f"{where}: 'name' must match {_NAME_RE.pattern} (lower-case identifier), got {name!r}"
         )
@@ -254,8 +254,8 @@ def load_schema(spec: str | Path) -> Schema:
         raise SchemaError(
             f"schema {spec_str!r}: no such file (built-in schemas: {', '.join(BUILTIN_SCHEMAS)})"
         )
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise SchemaError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None

@@ -99,6 +99,8 @@ def read_manifest(data_dir: str | Path) -> DatasetInfo:
         shard = path / name
         if "/" in name or name.startswith(".") or not shard.is_file():
             raise DataError(f"{path}: shard {name!r} listed in {MANIFEST} is missing")
+    if rows != sum(r for _, r in shards):
+        raise DataError(f"{manifest}: 'rows' is {rows} but the shards hold {sum(r for _, r in shards)}")
     return DatasetInfo(
         path=path,
         schema=schema,
@@ -150,6 +152,8 @@ class DatasetWriter:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._closed:
+            return
         if exc_type is None:
             self.close()
         else:
@@ -190,7 +194,7 @@ class DatasetWriter:
         labels_arr = np.asarray(labels)
         bad = np.flatnonzero((labels_arr != 0) & (labels_arr != 1))
         if bad.size:
-            raise DataError(f"row {self.rows + int(bad[0]) + 1}: label {labels_arr[bad[0]]!r} is not 0 or 1")
+            raise DataError(f"row {self.rows + int(bad[0]) + 1}: label {labels_arr[bad[0]].item()!r} is not 0 or 1")
         for i in range(n):
             ex = self._example_cls()
             fmap = ex.features.feature
