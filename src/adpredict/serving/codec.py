@@ -1,0 +1,384 @@
+"""PredictRequest -> numpy arrays -> one model feed, and probabilities back per request.
+
+``RequestCodec(schema, limits)`` is built once per loaded schema and used from any thread:
+
+* ``decode(request)`` validates a ``PredictRequest`` against the schema and returns a
+  ``ParsedRequest``: one ``[1]`` (or ``[1, M]``) object array of bytes per context field and
+  one ``[K]`` (or ``[K, M]``) array per candidate field, every schema field present (absent
+  fields become ``b''``, the model's missing bucket). It raises ``InvalidRequestError`` whose
+  message starts with the offending field, e.g. ``candidates['bid_cpm'][3]: ...``. Everything
+  the model could choke on is checked here, so a bad request never reaches a batch.
+* ``merge(slices)`` concatenates several parsed requests, or ``Slice``s of them (candidates
+  ``start:stop``), into exactly the serving signature's inputs: context ``[R]``/``[R, M]``,
+  candidates ``[B]``/``[B, M]`` (multi-valued rows padded with ``b''``) and ``request_index``
+  int32 ``[B]`` mapping each candidate row to its slice (``0..R-1``).
+* ``split(probabilities, slices)`` cuts the model's ``[B]`` output back into one array per slice.
+
+The wire layout is columnar (see ``proto/adpredict/v1/prediction_service.proto``), so the work
+per request is a fixed number of C-level calls per field (``repeated[:]`` copies,
+``max(map(len, ...))``, bytes ``translate``/``count`` over a joined numeric column, a regex only
+for signs and exponents); nothing loops over candidates in Python. No TensorFlow import: the
+runtime owns every TF call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from adpredict.errors import InvalidRequestError, ModelError
+from adpredict.schema import Field, Schema
+from adpredict.serving.batcher import Slice
+
+__all__ = ["REQUEST_INDEX", "CodecLimits", "ParsedRequest", "RequestCodec"]
+
+#: The signature input mapping candidate rows to requests.
+REQUEST_INDEX = "request_index"
+
+_F32_MAX = float(np.finfo(np.float32).max)
+# What TensorFlow's string-to-number parses and we accept: plain decimal, optional exponent.
+_NUMBER = rb"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_NUMBER_RE = re.compile(_NUMBER)
+# A whole column joined with b"\n": every entry a number or empty (missing).
+_NUMBERS_RE = re.compile(rb"(?:%s)?(?:\n(?:%s)?)*" % (_NUMBER, _NUMBER))
+_PLAIN_CHARS = b"0123456789.\n"
+_DIGITS = b"0123456789"
+_F32_SAFE_CHARS = 38  # a plain decimal this short is below 1e38, inside float32's range
+_SHOWN_BYTES = 40  # how much of a bad value or name an error message quotes
+
+
+@dataclass(frozen=True)
+class CodecLimits:
+    """Request limits enforced by ``decode``; both are advertised in GetModelMetadata."""
+
+    max_candidates: int = 1024  # candidates (K) per request
+    max_value_bytes: int = 256  # bytes per feature value
+
+    def __post_init__(self) -> None:
+        for name in ("max_candidates", "max_value_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ParsedRequest:
+    """A validated request as arrays; treat the arrays as read-only (some are shared)."""
+
+    size: int  # K, the number of candidates
+    context: Mapping[str, np.ndarray]  # every context field: [1] or [1, M] object, bytes
+    candidates: Mapping[str, np.ndarray]  # every candidate field: [K] or [K, M] object, bytes
+    missing: int  # (row, field) cells that were absent or empty, context row included
+    fingerprint: str  # of the schema it was validated against
+
+
+def _show(value: bytes | str) -> str:
+    """A bounded repr for error messages (names and values come from the caller)."""
+    if len(value) > _SHOWN_BYTES:
+        return repr(value[:_SHOWN_BYTES]) + f"... ({len(value)} long)"
+    return repr(value)
+
+
+def _plain_decimals(joined: bytes) -> bool:
+    """Whether every ``\\n``-separated entry of ``joined`` is empty or digits with at most one
+    ``.`` and at least one digit. C-level bytes operations only: no per-value Python work."""
+    if joined.translate(None, _PLAIN_CHARS):  # a sign, an exponent or a foreign byte
+        return False
+    if b".." in joined.translate(None, _DIGITS):  # two dots within one entry
+        return False
+    return not (
+        joined == b"." or joined.startswith(b".\n") or joined.endswith(b"\n.") or b"\n.\n" in joined
+    )
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+def _object_array(values: list[bytes]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+class RequestCodec:
+    """Validates ``PredictRequest``s for one schema and merges them into model feeds."""
+
+    def __init__(self, schema: Schema, limits: CodecLimits | None = None) -> None:
+        self.schema = schema
+        self.limits = limits if limits is not None else CodecLimits()
+        self.fingerprint = schema.fingerprint()
+        self._context = {f.name: f for f in schema.context_fields}
+        self._candidate = {f.name: f for f in schema.candidate_fields}
+        # One shared read-only row per context field for "absent": the common case costs nothing.
+        self._absent_context = {
+            f.name: _readonly(np.full((1, 1) if f.is_multi else (1,), b"", dtype=object))
+            for f in schema.context_fields
+        }
+
+    # ------------------------------------------------------------------------------ decode
+
+    def decode(self, request: Any) -> ParsedRequest:
+        """Validate ``request`` (an ``adpredict.v1.PredictRequest``) and return its arrays."""
+        k = request.num_candidates
+        if k < 1:
+            raise InvalidRequestError(
+                "num_candidates: the request has no candidates (must be >= 1)"
+            )
+        if k > self.limits.max_candidates:
+            raise InvalidRequestError(
+                f"num_candidates: {k} candidates, more than this server's limit of "
+                f"{self.limits.max_candidates}; split the request"
+            )
+        missing = 0
+        # Driven by the schema, with C-level map lookups (iterating a upb map's items() runs
+        # Python code per entry); whatever was not looked up is an unknown field.
+        sent = request.context
+        found = 0
+        context: dict[str, np.ndarray] = {}
+        for name, field in self._context.items():
+            entry = sent.get(name)
+            if entry is None:
+                context[name] = self._absent_context[name]
+                missing += 1
+            else:
+                found += 1
+                context[name], n_missing = self._decode_context(field, entry.values[:])
+                missing += n_missing
+        if found != len(sent):
+            raise self._unknown("context", next(n for n in sent if n not in self._context))
+        columns = request.candidates
+        found = 0
+        candidates: dict[str, np.ndarray] = {}
+        for name, field in self._candidate.items():
+            column = columns.get(name)
+            if column is None:
+                shape = (k, 1) if field.is_multi else (k,)
+                candidates[name] = np.full(shape, b"", dtype=object)
+                missing += k
+            else:
+                found += 1
+                candidates[name], n_missing = self._decode_column(
+                    field, k, column.values[:], column.counts
+                )
+                missing += n_missing
+        if found != len(columns):
+            raise self._unknown("candidates", next(n for n in columns if n not in self._candidate))
+        return ParsedRequest(k, context, candidates, missing, self.fingerprint)
+
+    def _unknown(self, where: str, name: str) -> InvalidRequestError:
+        other, other_where = (
+            (self._candidate, "candidates") if where == "context" else (self._context, "context")
+        )
+        scope = "candidate" if where == "context" else "context"
+        if name in other:
+            return InvalidRequestError(
+                f"{where}[{_show(name)}]: wrong kind: a {scope} field; send it in {other_where}"
+            )
+        expected = self._context if where == "context" else self._candidate
+        return InvalidRequestError(
+            f"{where}[{_show(name)}]: unknown field; schema {self.schema.name!r} has "
+            f"{where} fields {sorted(expected)}"
+        )
+
+    def _decode_context(self, field: Field, values: list[bytes]) -> tuple[np.ndarray, int]:
+        where = f"context[{field.name!r}]"
+        n = len(values)
+        if field.is_multi:
+            if n > field.max_values:
+                raise InvalidRequestError(
+                    f"{where}: {n} values, more than max_values={field.max_values}"
+                )
+            self._check_values(where, values, allow_empty=False)
+            if n == 0:
+                return self._absent_context[field.name], 1
+            row = np.empty((1, n), dtype=object)
+            row[0, :] = values
+            return row, 0
+        if n > 1:
+            raise InvalidRequestError(
+                f"{where}: wrong kind: {n} values for a single-valued {field.kind} field "
+                f"(send 0 or 1)"
+            )
+        if n == 0 or not values[0]:
+            return self._absent_context[field.name], 1
+        self._check_values(where, values, allow_empty=False, indexed=False)
+        if field.is_numeric:
+            self._check_numbers(where, values, indexed=False)
+        return _object_array(values), 0
+
+    def _decode_column(
+        self, field: Field, k: int, values: list[bytes], counts: Sequence[int]
+    ) -> tuple[np.ndarray, int]:
+        where = f"candidates[{field.name!r}]"
+        if not field.is_multi:
+            if counts:
+                raise InvalidRequestError(
+                    f"{where}: wrong kind: counts given for a single-valued {field.kind} field "
+                    f"(send one value per candidate and no counts)"
+                )
+            if len(values) != k:
+                raise InvalidRequestError(
+                    f"{where}: {len(values)} values for {k} candidates (one value per candidate; "
+                    f"'' for missing)"
+                )
+            self._check_values(where, values, allow_empty=True)
+            if field.is_numeric:
+                self._check_numbers(where, values)
+            return _object_array(values), values.count(b"")
+        if not counts and not values:
+            return np.full((k, 1), b"", dtype=object), k
+        counts = counts[:]
+        if len(counts) != k:
+            raise InvalidRequestError(
+                f"{where}: {len(counts)} counts for {k} candidates (a multi-valued column needs "
+                f"one count per candidate)"
+            )
+        per_row = np.array(counts, dtype=np.int64)
+        widest = int(per_row.max())
+        if widest > field.max_values:
+            i = int(per_row.argmax())
+            raise InvalidRequestError(
+                f"{where}[{i}]: {widest} values, more than max_values={field.max_values}"
+            )
+        total = int(per_row.sum())
+        if total != len(values):
+            raise InvalidRequestError(
+                f"{where}: counts sum to {total} but {len(values)} values were sent"
+            )
+        ends = np.cumsum(per_row)
+        self._check_values(where, values, allow_empty=False, row_ends=ends)
+        out = np.full((k, max(widest, 1)), b"", dtype=object)
+        starts = ends - per_row
+        rows = np.repeat(np.arange(k), per_row)
+        cols = np.arange(total) - np.repeat(starts, per_row)
+        out[rows, cols] = _object_array(values)
+        return out, int(np.count_nonzero(per_row == 0))
+
+    def _check_values(
+        self,
+        where: str,
+        values: list[bytes],
+        *,
+        allow_empty: bool,
+        indexed: bool = True,
+        row_ends: np.ndarray | None = None,
+    ) -> None:
+        """Length limit, and no empty values where they are not allowed. C-level unless bad.
+
+        Errors name ``where[i]`` (value i) if ``indexed``, ``where[c]`` (candidate c owning the
+        value) given the candidates' cumulative ``row_ends``, else just ``where``.
+        """
+        limit = self.limits.max_value_bytes
+        too_long = max(map(len, values), default=0) > limit
+        empty = not allow_empty and b"" in values
+        if not (too_long or empty):
+            return
+        for i, value in enumerate(values):
+            if row_ends is not None:
+                at = f"{where}[{int(np.searchsorted(row_ends, i, side='right'))}]"
+            else:
+                at = f"{where}[{i}]" if indexed else where
+            if len(value) > limit:
+                raise InvalidRequestError(
+                    f"{at}: value of {len(value)} bytes, more than the limit of {limit} "
+                    f"({_show(value)})"
+                )
+            if not value and not allow_empty:
+                raise InvalidRequestError(
+                    f"{at}: empty value in a multi-valued field (leave it out instead)"
+                )
+
+    def _check_numbers(self, where: str, values: list[bytes], *, indexed: bool = True) -> None:
+        """Each non-empty value a finite decimal within float32 range, as the model parses it.
+
+        TensorFlow's parser fails the whole batch on a malformed number, so this must be exact.
+        Plain decimals (``12``, ``1.25``) are checked with bytes operations only; signs and
+        exponents take a regex, and only long or exponent values are converted to floats.
+        """
+        if not values:
+            return
+        joined = b"\n".join(values)
+        if joined.count(b"\n") == len(values) - 1:  # no value hides a separator
+            if _plain_decimals(joined):
+                if max(map(len, values)) <= _F32_SAFE_CHARS:
+                    return
+                syntax_ok = True
+            else:
+                syntax_ok = _NUMBERS_RE.fullmatch(joined) is not None
+            if syntax_ok and max(map(abs, map(float, filter(None, values)))) <= _F32_MAX:
+                return
+        for i, value in enumerate(values):
+            if value and (_NUMBER_RE.fullmatch(value) is None or abs(float(value)) > _F32_MAX):
+                raise InvalidRequestError(
+                    f"{f'{where}[{i}]' if indexed else where}: {_show(value)} is not a finite "
+                    f"decimal number (e.g. b'1.25'; |x| <= 3.4e38; no spaces, inf or nan)"
+                )
+        raise AssertionError("unreachable: the column failed validation as a whole")
+
+    # ------------------------------------------------------------------------------- merge
+
+    def merge(self, parts: Sequence[Slice[ParsedRequest] | ParsedRequest]) -> dict[str, np.ndarray]:
+        """One feed (the signature's inputs) for ``parts``, in order: row r of every context
+        input and ``request_index == r`` belong to ``parts[r]``."""
+        if not parts:
+            raise ValueError("merge needs at least one request")
+        slices = [p if isinstance(p, Slice) else Slice(p, 0, p.size) for p in parts]
+        for s in slices:
+            if s.payload.fingerprint != self.fingerprint:
+                raise ModelError(
+                    f"a request validated against schema fingerprint {s.payload.fingerprint} "
+                    f"reached a model with schema fingerprint {self.fingerprint}"
+                )
+            if not 0 <= s.start < s.stop <= s.payload.size:
+                raise ValueError(f"slice {s.start}:{s.stop} of a request of {s.payload.size}")
+        feed: dict[str, np.ndarray] = {}
+        for name, field in self._context.items():
+            feed[name] = _stack([s.payload.context[name] for s in slices], field.is_multi)
+        whole = (
+            len(slices) == 1 and slices[0].start == 0 and slices[0].stop == slices[0].payload.size
+        )
+        for name, field in self._candidate.items():
+            if whole:
+                feed[name] = slices[0].payload.candidates[name]
+            else:
+                feed[name] = _stack(
+                    [s.payload.candidates[name][s.start : s.stop] for s in slices], field.is_multi
+                )
+        sizes = [s.stop - s.start for s in slices]
+        feed[REQUEST_INDEX] = np.repeat(np.arange(len(slices), dtype=np.int32), sizes)
+        return feed
+
+    @staticmethod
+    def split(
+        probabilities: np.ndarray, parts: Sequence[Slice[Any] | ParsedRequest]
+    ) -> list[np.ndarray]:
+        """Cut the model's ``[B]`` output into one array per part of the merged feed."""
+        sizes = [p.stop - p.start if isinstance(p, Slice) else p.size for p in parts]
+        if probabilities.shape != (sum(sizes),):
+            raise ModelError(
+                f"the model returned shape {probabilities.shape} for {sum(sizes)} candidates"
+            )
+        return np.split(probabilities, np.cumsum(sizes)[:-1])
+
+
+def _stack(arrays: list[np.ndarray], multi: bool) -> np.ndarray:
+    """Concatenate rows; multi-valued ``[n, M_i]`` blocks are padded with ``b''`` to the widest."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if not multi:
+        return np.concatenate(arrays)
+    width = max(a.shape[1] for a in arrays)
+    if all(a.shape[1] == width for a in arrays):
+        return np.concatenate(arrays)
+    out = np.full((sum(len(a) for a in arrays), width), b"", dtype=object)
+    row = 0
+    for a in arrays:
+        out[row : row + len(a), : a.shape[1]] = a
+        row += len(a)
+    return out

@@ -1,0 +1,316 @@
+"""The gRPC servicer of ``adpredict.v1.PredictionService``: request in, batcher, answer out.
+
+One Predict call:
+
+1. its budget is the gRPC deadline (``context.time_remaining()``), or ``sla_s`` if the caller
+   set none, turned into an absolute deadline on the batcher's clock;
+2. the model is resolved (``""`` = the runtime's default) and the request is validated and
+   decoded by that model's ``RequestCodec``: a bad request is answered INVALID_ARGUMENT here and
+   never reaches a batch;
+3. it is submitted to the model's ``Batcher`` (one per model name), which may refuse it at once
+   (queue full, deadline hopeless), merge it with concurrent requests, or split it;
+4. in a compute thread, ``run_batch`` merges the batch's slices into one feed, asks the runtime
+   for the model's CURRENT version (so a hot swap takes effect at the next batch), predicts, and
+   splits the probabilities back; each slice's result records the version that computed it;
+5. if the deadline passed meanwhile the answer is DEADLINE_EXCEEDED (a late bid is worthless),
+   else the probabilities, the version and the batcher's queue/compute times are returned.
+
+Every error becomes a status in exactly one place, ``adpredict.serving.status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+
+from adpredict.errors import DeadlineError, OverloadedError
+from adpredict.schema import Schema
+from adpredict.serving import status
+from adpredict.serving.batcher import Batcher, BatcherOptions, BatchObserver, Completed, Slice
+from adpredict.serving.clock import Clock, MonotonicClock
+from adpredict.serving.codec import CodecLimits, ParsedRequest, RequestCodec
+from adpredict.v1 import prediction_service_pb2 as pb
+from adpredict.v1 import prediction_service_pb2_grpc as pb_grpc
+
+__all__ = [
+    "PredictionServicer",
+    "ServiceObserver",
+    "SliceResult",
+    "join_results",
+]
+
+logger = logging.getLogger(__name__)
+
+_MAX_CODECS = 64  # cached codecs (one per loaded schema object); cleared when exceeded
+
+
+class Model(Protocol):
+    """What the servicer needs of a loaded model version (``runtime.LoadedModel``)."""
+
+    name: str
+    version: int
+    schema: Schema
+    metadata: dict[str, Any]
+
+    def predict(self, feed: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+class Runtime(Protocol):
+    """What the servicer needs of the model runtime (``runtime.ModelRuntime``)."""
+
+    def get(self, name: str = "") -> Model: ...
+
+    def names(self) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SliceResult:
+    """Probabilities for one slice (or a whole request) and the version that computed them."""
+
+    probabilities: np.ndarray  # float32 [n]
+    version: int
+
+
+def join_results(parts: list[SliceResult]) -> SliceResult:
+    """A split request's slices back in order; the version is the last slice's (newest)."""
+    return SliceResult(np.concatenate([p.probabilities for p in parts]), parts[-1].version)
+
+
+class ServiceObserver:
+    """Hooks for a metrics layer; every method defaults to doing nothing.
+
+    Hooks run on the event loop and must be quick; one that raises is logged and ignored.
+    """
+
+    def batch_observer(self, model: str) -> BatchObserver | None:
+        """The observer for the batcher of ``model`` (asked once, when it is created)."""
+        return None
+
+    def request_decoded(self, model: str, candidates: int, missing: int) -> None:
+        """A Predict request passed validation; ``missing`` absent or empty feature cells."""
+        return None
+
+    def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
+        """An RPC ended. ``model`` is the resolved name, ``""`` if it could not be resolved
+        (never the caller's raw string: that would let callers create metric labels)."""
+        return None
+
+
+class PredictionServicer(pb_grpc.PredictionServiceServicer):
+    """Serves Predict and GetModelMetadata from ``runtime`` through one batcher per model.
+
+    ``sla_s`` is the budget of a request that carries no gRPC deadline. ``max_candidates`` and
+    ``max_value_bytes`` are the codec limits (``max_candidates`` must fit the batcher's
+    ``queue_limit``). Batchers are created at ``start()`` for every model the runtime serves and
+    lazily for names that appear later; ``close(grace_s)`` drains them. Use ``add_to_server``
+    to register it on a ``grpc.aio.Server``. To shut down, ``await server.stop(grace)`` first
+    (in-flight RPCs finish through the still running batchers), then ``await close()``.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        batcher_options: BatcherOptions,
+        *,
+        sla_s: float,
+        max_candidates: int,
+        max_value_bytes: int = 256,
+        clock: Clock | None = None,
+        observer: ServiceObserver | None = None,
+    ) -> None:
+        if not (isinstance(sla_s, int | float) and 0 < sla_s < math.inf):
+            raise ValueError(f"sla_s must be a positive number of seconds, got {sla_s!r}")
+        self._limits = CodecLimits(max_candidates=max_candidates, max_value_bytes=max_value_bytes)
+        if max_candidates > batcher_options.queue_limit:
+            raise ValueError(
+                f"max_candidates ({max_candidates}) exceeds the batcher's queue_limit "
+                f"({batcher_options.queue_limit} predictions): such requests could never be queued"
+            )
+        self._runtime = runtime
+        self._options = batcher_options
+        self._sla_s = float(sla_s)
+        self._clock: Clock = clock if clock is not None else MonotonicClock()
+        self._observer = observer if observer is not None else ServiceObserver()
+        self._batchers: dict[str, Batcher[ParsedRequest, SliceResult]] = {}
+        self._creating = asyncio.Lock()
+        self._codecs: dict[int, tuple[Schema, RequestCodec]] = {}
+        self._closing = False
+
+    @property
+    def limits(self) -> CodecLimits:
+        return self._limits
+
+    def batchers(self) -> Mapping[str, Batcher[ParsedRequest, SliceResult]]:
+        """The batcher of every model seen so far (for gauges such as queue length)."""
+        return dict(self._batchers)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_PredictionServiceServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        """Create and start a batcher for every model the runtime serves now."""
+        for name in self._runtime.names():
+            await self._batcher(name)
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Refuse new requests, let the batchers answer what they hold (up to ``grace_s``)."""
+        self._closing = True
+        async with self._creating:
+            batchers = list(self._batchers.values())
+        await asyncio.gather(*(b.close(grace_s) for b in batchers))
+
+    # ---------------------------------------------------------------------------------- RPCs
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        started = self._clock.now()
+        remaining = context.time_remaining()
+        deadline = started + (self._sla_s if remaining is None else remaining)
+        model_name = ""
+        try:
+            model = self._runtime.get(request.model)
+            model_name = model.name
+            parsed = self._codec(model.schema).decode(request)
+            self._notify(self._observer.request_decoded, model_name, parsed.size, parsed.missing)
+            batcher = self._batchers.get(model_name) or await self._batcher(model_name)
+            done: Completed[SliceResult] = await batcher.submit(parsed, parsed.size, deadline)
+            now = self._clock.now()
+            if now > deadline:
+                raise DeadlineError(
+                    f"answer ready {(now - deadline) * 1e3:.3f} ms after the deadline "
+                    f"(budget {(deadline - started) * 1e3:.3f} ms)"
+                )
+            response = pb.PredictResponse(
+                request_id=request.request_id,
+                probabilities=done.result.probabilities.tolist(),
+                model=model_name,
+                model_version=done.result.version,
+                queue_us=round(done.queue_s * 1e6),
+                compute_us=round(done.compute_s * 1e6),
+                batch_predictions=done.batch_predictions,
+                batch_requests=done.batch_requests,
+            )
+        except asyncio.CancelledError:  # the caller went away; the batcher drops the request
+            self._done("Predict", model_name, grpc.StatusCode.CANCELLED, started)
+            raise
+        except Exception as exc:
+            code, details = status.status_for(exc)
+            self._done("Predict", model_name, code, started)
+            await context.abort(code, details)
+        self._done("Predict", model_name, grpc.StatusCode.OK, started)
+        return response
+
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelMetadataResponse:
+        started = self._clock.now()
+        model_name = ""
+        try:
+            model = self._runtime.get(request.model)
+            model_name = model.name
+            response = self._metadata(model)
+        except Exception as exc:
+            code, details = status.status_for(exc)
+            self._done("GetModelMetadata", model_name, code, started)
+            await context.abort(code, details)
+        self._done("GetModelMetadata", model_name, grpc.StatusCode.OK, started)
+        return response
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _metadata(self, model: Model) -> pb.GetModelMetadataResponse:
+        schema = model.schema
+        meta = model.metadata
+        fields = [
+            pb.FieldSpec(
+                name=f.name,
+                scope=f.scope,
+                kind=f.kind,
+                buckets=f.buckets,
+                max_values=f.max_values,
+                boundaries=list(f.boundaries),
+                description=f.description,
+            )
+            for f in schema.fields
+        ]
+        return pb.GetModelMetadataResponse(
+            model=model.name,
+            version=model.version,
+            schema_name=schema.name,
+            schema_version=schema.version,
+            schema_fingerprint=self._codec(schema).fingerprint,
+            fields=fields,
+            metrics_json=json.dumps(meta.get("metrics") or {}, sort_keys=True, default=str),
+            created=str(meta.get("created") or ""),
+            max_candidates=self._limits.max_candidates,
+            max_value_bytes=self._limits.max_value_bytes,
+            models=self._runtime.names(),
+        )
+
+    def _codec(self, schema: Schema) -> RequestCodec:
+        """The codec for ``schema``, cached by identity (each loaded version holds its schema).
+
+        Called from the event loop and from compute threads; the worst a race can do is build
+        a codec twice.
+        """
+        entry = self._codecs.get(id(schema))
+        if entry is not None and entry[0] is schema:
+            return entry[1]
+        codec = RequestCodec(schema, self._limits)
+        if len(self._codecs) >= _MAX_CODECS:
+            self._codecs = {}
+        self._codecs[id(schema)] = (schema, codec)
+        return codec
+
+    async def _batcher(self, name: str) -> Batcher[ParsedRequest, SliceResult]:
+        async with self._creating:
+            batcher = self._batchers.get(name)
+            if batcher is not None:
+                return batcher
+            if self._closing:
+                raise OverloadedError("the server is shutting down")
+            observer = None
+            try:
+                observer = self._observer.batch_observer(name)
+            except Exception:
+                logger.exception("ServiceObserver.batch_observer failed for model %r", name)
+            batcher = Batcher(
+                functools.partial(self._run_batch, name),
+                self._options,
+                clock=self._clock,
+                join=join_results,
+                observer=observer,
+                name=name,
+            )
+            await batcher.start()
+            self._batchers[name] = batcher
+            return batcher
+
+    def _run_batch(self, name: str, slices: list[Slice[ParsedRequest]]) -> list[SliceResult]:
+        """Compute thread: merge, predict with the model's current version, split."""
+        model = self._runtime.get(name)
+        codec = self._codec(model.schema)
+        feed = codec.merge(slices)
+        probabilities = model.predict(feed)
+        version = model.version
+        return [SliceResult(p, version) for p in codec.split(probabilities, slices)]
+
+    def _done(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
+        self._notify(self._observer.request_done, method, model, code, self._clock.now() - started)
+
+    @staticmethod
+    def _notify(hook: Callable[..., None], *args: object) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            logger.exception("ServiceObserver hook %s failed", getattr(hook, "__name__", hook))

@@ -1,0 +1,331 @@
+"""RequestCodec: every validation rule names its field; merges and splits map rows correctly."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from adpredict.errors import InvalidRequestError, ModelError
+from adpredict.schema import Schema
+from adpredict.serving.batcher import Slice
+from adpredict.serving.codec import REQUEST_INDEX, CodecLimits, ParsedRequest, RequestCodec
+from adpredict.v1 import prediction_service_pb2 as pb
+
+SCHEMA = Schema.from_dict(
+    {
+        "name": "codec_test",
+        "version": 1,
+        "fields": [
+            {"name": "site", "scope": "context", "kind": "categorical", "buckets": 64},
+            {
+                "name": "segs",
+                "scope": "context",
+                "kind": "multi_categorical",
+                "buckets": 64,
+                "max_values": 3,
+            },
+            {"name": "temp", "scope": "context", "kind": "numeric", "boundaries": [0.0, 10.0]},
+            {"name": "ad", "scope": "candidate", "kind": "categorical", "buckets": 64},
+            {
+                "name": "tags",
+                "scope": "candidate",
+                "kind": "multi_categorical",
+                "buckets": 64,
+                "max_values": 2,
+            },
+            {"name": "bid", "scope": "candidate", "kind": "numeric", "boundaries": [1.0, 2.0]},
+        ],
+    }
+)
+LIMITS = CodecLimits(max_candidates=5, max_value_bytes=256)
+
+
+@pytest.fixture
+def codec() -> RequestCodec:
+    return RequestCodec(SCHEMA, LIMITS)
+
+
+def request(
+    k: int = 3,
+    context: dict[str, list[bytes]] | None = None,
+    columns: dict[str, tuple[list[bytes], list[int]]] | None = None,
+) -> pb.PredictRequest:
+    """A request with explicit columns; by default a fully valid one with K = ``k``."""
+    if context is None:
+        context = {"site": [b"s.com"], "segs": [b"a", b"b"], "temp": [b"3.5"]}
+    if columns is None:
+        columns = {
+            "ad": ([b"ad%d" % i for i in range(k)], []),
+            "tags": ([b"t"] * k, [1] * k),
+            "bid": ([b"1.5"] * k, []),
+        }
+    out = pb.PredictRequest(num_candidates=k)
+    for name, values in context.items():
+        out.context[name].values.extend(values)
+    for name, (values, counts) in columns.items():
+        out.candidates[name].values.extend(values)
+        out.candidates[name].counts.extend(counts)
+    return out
+
+
+def rejects(codec: RequestCodec, req: pb.PredictRequest, where: str) -> str:
+    """Assert the request is refused with a message starting with ``where``; return it."""
+    with pytest.raises(InvalidRequestError) as info:
+        codec.decode(req)
+    message = str(info.value)
+    assert message.startswith(where), message
+    return message
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+
+def test_valid_request_becomes_arrays(codec: RequestCodec) -> None:
+    req = request(
+        k=3,
+        columns={
+            "ad": ([b"x", b"", b"z"], []),
+            "tags": ([b"t1", b"t2", b"t3"], [2, 0, 1]),
+            "bid": ([b"1.25", b"", b"-3e2"], []),
+        },
+    )
+    parsed = codec.decode(req)
+    assert parsed.size == 3
+    assert parsed.context["site"].tolist() == [b"s.com"]
+    assert parsed.context["segs"].tolist() == [[b"a", b"b"]]
+    assert parsed.context["temp"].tolist() == [b"3.5"]
+    assert parsed.candidates["ad"].tolist() == [b"x", b"", b"z"]
+    assert parsed.candidates["tags"].tolist() == [[b"t1", b"t2"], [b"", b""], [b"t3", b""]]
+    assert parsed.candidates["bid"].tolist() == [b"1.25", b"", b"-3e2"]
+    for array in (*parsed.context.values(), *parsed.candidates.values()):
+        assert array.dtype == object
+    # ad[1] empty, tags[1] no values, bid[1] empty
+    assert parsed.missing == 3
+    assert parsed.fingerprint == SCHEMA.fingerprint()
+
+
+def test_absent_fields_are_missing_and_counted(codec: RequestCodec) -> None:
+    req = request(k=4, context={"site": [b""], "segs": []}, columns={"ad": ([b"a"] * 4, [])})
+    parsed = codec.decode(req)
+    assert parsed.context["site"].tolist() == [b""]
+    assert parsed.context["segs"].tolist() == [[b""]]
+    assert parsed.context["temp"].tolist() == [b""]
+    assert parsed.candidates["tags"].tolist() == [[b""]] * 4
+    assert parsed.candidates["bid"].tolist() == [b""] * 4
+    # 3 context cells + tags and bid for 4 candidates
+    assert parsed.missing == 3 + 4 + 4
+
+
+def test_multi_column_with_no_values_and_no_counts_is_all_missing(codec: RequestCodec) -> None:
+    req = request(k=2, columns={"tags": ([], []), "ad": ([b"a", b"b"], [])})
+    parsed = codec.decode(req)
+    assert parsed.candidates["tags"].tolist() == [[b""], [b""]]
+
+
+@pytest.mark.parametrize(
+    ("scope", "name", "where", "reason"),
+    [
+        ("context", "nope", "context['nope']", "unknown field"),
+        ("candidates", "nope", "candidates['nope']", "unknown field"),
+        ("context", "bid", "context['bid']", "wrong kind"),
+        ("candidates", "site", "candidates['site']", "wrong kind"),
+    ],
+)
+def test_unknown_or_misplaced_field(
+    codec: RequestCodec, scope: str, name: str, where: str, reason: str
+) -> None:
+    req = request()
+    if scope == "context":
+        req.context[name].values.append(b"1")
+    else:
+        req.candidates[name].values.extend([b"1"] * 3)
+    assert reason in rejects(codec, req, where)
+
+
+def test_several_values_for_a_single_valued_context_field(codec: RequestCodec) -> None:
+    req = request(context={"site": [b"a", b"b"]})
+    assert "wrong kind" in rejects(codec, req, "context['site']")
+
+
+def test_counts_on_a_single_valued_column(codec: RequestCodec) -> None:
+    req = request(k=2, columns={"ad": ([b"a", b"b"], [1, 1])})
+    assert "wrong kind" in rejects(codec, req, "candidates['ad']")
+
+
+def test_empty_candidate_list(codec: RequestCodec) -> None:
+    rejects(codec, request(k=0, columns={}), "num_candidates")
+
+
+def test_more_candidates_than_the_limit(codec: RequestCodec) -> None:
+    assert "limit of 5" in rejects(codec, request(k=6), "num_candidates")
+    codec.decode(request(k=5))  # the limit itself is fine
+
+
+@pytest.mark.parametrize(
+    ("columns", "where"),
+    [
+        ({"ad": ([b"a", b"b"], [])}, "candidates['ad']"),  # 2 values, K = 3
+        ({"bid": ([b"1"] * 4, [])}, "candidates['bid']"),  # 4 values, K = 3
+        ({"tags": ([b"t"] * 2, [1, 1])}, "candidates['tags']"),  # 2 counts, K = 3
+        ({"tags": ([b"t"] * 2, [1, 1, 1])}, "candidates['tags']"),  # counts sum to 3, 2 values
+        ({"tags": ([b"t"] * 2, [])}, "candidates['tags']"),  # values without counts
+    ],
+)
+def test_column_lengths_must_match_k(
+    codec: RequestCodec, columns: dict[str, tuple[list[bytes], list[int]]], where: str
+) -> None:
+    rejects(codec, request(k=3, columns=columns), where)
+
+
+BAD_NUMBERS = [b"abc", b"inf", b"-inf", b"nan", b"1e39", b"1e400", b" 1", b"1 ", b"0x10", b"1_0"]
+BAD_NUMBERS += [b"1.2.3", b"--1", b"1e", b"e5", b".", b"+", b"\xd9\xa1", b"1,5", b"1..2", b"..5"]
+BAD_NUMBERS += [b"1.2.", b"9" * 40, b"-" + b"9" * 39 + b".5", b"1e-5x"]
+
+
+@pytest.mark.parametrize("bad", BAD_NUMBERS)
+def test_numbers_must_be_finite_decimals(codec: RequestCodec, bad: bytes) -> None:
+    req = request(k=3, columns={"bid": ([b"1", b"2", bad], [])})
+    message = rejects(codec, req, "candidates['bid'][2]")
+    assert "not a finite decimal number" in message
+    rejects(codec, request(context={"temp": [bad]}), "context['temp']")
+
+
+def test_a_newline_cannot_smuggle_two_numbers_into_one_value(codec: RequestCodec) -> None:
+    req = request(k=2, columns={"bid": ([b"1\n2", b""], [])})
+    rejects(codec, req, "candidates['bid'][0]")
+
+
+GOOD_NUMBERS = [b"1", b"-1.5", b".5", b"5.", b"+3", b"1e5", b"2E-3", b"3.4e38", b"007", b"0.50"]
+GOOD_NUMBERS += [b"9" * 38, b"9" * 38 + b".9", b"-" + b"9" * 38, b"1e-50"]
+
+
+@pytest.mark.parametrize("good", GOOD_NUMBERS)
+def test_decimal_numbers_pass(codec: RequestCodec, good: bytes) -> None:
+    parsed = codec.decode(request(k=3, columns={"bid": ([good, b"", b"1.25"], [])}))
+    assert parsed.candidates["bid"].tolist() == [good, b"", b"1.25"]
+    codec.decode(request(context={"temp": [good]}))
+
+
+@pytest.mark.parametrize("column", [[b".", b"1"], [b"1", b"."], [b"1", b".", b"2"], [b"."]])
+def test_a_lone_dot_is_not_a_number_wherever_it_sits(
+    codec: RequestCodec, column: list[bytes]
+) -> None:
+    req = request(k=len(column), columns={"bid": (column, [])})
+    rejects(codec, req, f"candidates['bid'][{column.index(b'.')}]")
+
+
+def test_multi_valued_field_with_too_many_values(codec: RequestCodec) -> None:
+    rejects(codec, request(context={"segs": [b"a", b"b", b"c", b"d"]}), "context['segs']")
+    req = request(k=3, columns={"tags": ([b"t"] * 4, [1, 3, 0])})
+    assert "max_values=2" in rejects(codec, req, "candidates['tags'][1]")
+
+
+def test_empty_value_inside_a_multi_valued_field(codec: RequestCodec) -> None:
+    rejects(codec, request(context={"segs": [b"a", b""]}), "context['segs'][1]")
+    req = request(k=3, columns={"tags": ([b"t", b"u", b""], [1, 0, 2])})
+    rejects(codec, req, "candidates['tags'][2]")
+
+
+def test_values_longer_than_the_limit(codec: RequestCodec) -> None:
+    long = b"x" * 257  # limit is 256 bytes
+    rejects(codec, request(context={"site": [long]}), "context['site']")
+    rejects(codec, request(context={"segs": [b"a", long]}), "context['segs'][1]")
+    rejects(codec, request(k=3, columns={"ad": ([b"a", long, b"c"], [])}), "candidates['ad'][1]")
+    req = request(k=3, columns={"tags": ([b"a", b"b", long], [2, 0, 1])})
+    rejects(codec, req, "candidates['tags'][2]")
+    codec.decode(request(context={"site": [b"x" * 256]}))  # the limit itself is fine
+
+
+def test_error_messages_bound_what_they_quote(codec: RequestCodec) -> None:
+    huge_name = "n" * 5000
+    req = request()
+    req.context[huge_name].values.append(b"1")
+    message = rejects(codec, req, "context['nnnn")
+    assert len(message) < 400
+
+
+# ----------------------------------------------------------------------------- merge / split
+
+
+def parsed_with(
+    codec: RequestCodec, site: bytes, segs: list[bytes], ads: list[bytes]
+) -> ParsedRequest:
+    k = len(ads)
+    tags = [[b"t%d" % j for j in range(i % 3)] for i in range(k)]
+    columns = {
+        "ad": (ads, []),
+        "tags": ([t for row in tags for t in row], [len(row) for row in tags]),
+    }
+    return codec.decode(request(k=k, context={"site": [site], "segs": segs}, columns=columns))
+
+
+def test_merge_requests_gives_signature_inputs(codec: RequestCodec) -> None:
+    a = parsed_with(codec, b"a.com", [b"s1"], [b"a0", b"a1"])
+    b = parsed_with(codec, b"b.com", [b"s1", b"s2", b"s3"], [b"b0", b"b1", b"b2"])
+    c = parsed_with(codec, b"c.com", [], [b"c0"])
+    feed = codec.merge([a, b, c])
+    assert set(feed) == {*SCHEMA.names, REQUEST_INDEX}
+    assert feed[REQUEST_INDEX].dtype == np.int32
+    assert feed[REQUEST_INDEX].tolist() == [0, 0, 1, 1, 1, 2]
+    assert feed["site"].tolist() == [b"a.com", b"b.com", b"c.com"]
+    assert feed["segs"].tolist() == [
+        [b"s1", b"", b""],
+        [b"s1", b"s2", b"s3"],
+        [b"", b"", b""],
+    ]
+    assert feed["temp"].tolist() == [b""] * 3  # absent in all three
+    assert feed["ad"].tolist() == [b"a0", b"a1", b"b0", b"b1", b"b2", b"c0"]
+    # tags: widths 2 (a: 0,1 values), 2 (b: 0,1,2 values), 1 (c: 0 values) -> padded to 2
+    assert feed["tags"].tolist() == [
+        [b"", b""],
+        [b"t0", b""],
+        [b"", b""],
+        [b"t0", b""],
+        [b"t0", b"t1"],
+        [b"", b""],
+    ]
+    assert feed["tags"].shape == (6, 2)
+
+
+def test_merge_slices_maps_each_slice_to_its_own_row(codec: RequestCodec) -> None:
+    a = parsed_with(codec, b"a.com", [b"s1"], [b"a0", b"a1", b"a2", b"a3"])
+    b = parsed_with(codec, b"b.com", [b"s2"], [b"b0", b"b1", b"b2"])
+    feed = codec.merge([Slice(a, 2, 4), Slice(b, 0, 3), Slice(a, 0, 1)])
+    assert feed[REQUEST_INDEX].tolist() == [0, 0, 1, 1, 1, 2]
+    assert feed["site"].tolist() == [b"a.com", b"b.com", b"a.com"]
+    assert feed["ad"].tolist() == [b"a2", b"a3", b"b0", b"b1", b"b2", b"a0"]
+    assert feed["tags"].tolist()[:2] == [[b"t0", b"t1"], [b""] * 2]
+
+
+def test_merging_the_slices_of_a_request_covers_it_exactly(codec: RequestCodec) -> None:
+    a = parsed_with(codec, b"a.com", [b"s1"], [b"a%d" % i for i in range(5)])
+    whole = codec.merge([a])
+    parts = codec.merge([Slice(a, 0, 2), Slice(a, 2, 5)])
+    assert parts["ad"].tolist() == whole["ad"].tolist()
+    assert parts["tags"].tolist() == whole["tags"].tolist()
+    assert parts[REQUEST_INDEX].tolist() == [0, 0, 1, 1, 1]
+    assert whole[REQUEST_INDEX].tolist() == [0] * 5
+
+
+def test_merge_refuses_requests_validated_for_another_schema(codec: RequestCodec) -> None:
+    other = Schema.from_dict({**SCHEMA.to_dict(), "fields": SCHEMA.to_dict()["fields"][:-1]})
+    foreign = RequestCodec(other, LIMITS).decode(request(k=1, columns={"ad": ([b"a"], [])}))
+    with pytest.raises(ModelError, match="fingerprint"):
+        codec.merge([foreign])
+
+
+def test_split_cuts_probabilities_per_slice(codec: RequestCodec) -> None:
+    a = parsed_with(codec, b"a.com", [], [b"a0", b"a1", b"a2"])
+    parts = [Slice(a, 1, 3), a, Slice(a, 0, 1)]
+    probabilities = np.arange(6, dtype=np.float32)
+    pieces = RequestCodec.split(probabilities, parts)
+    assert [p.tolist() for p in pieces] == [[0.0, 1.0], [2.0, 3.0, 4.0], [5.0]]
+    with pytest.raises(ModelError, match=re.escape("(5,)")):
+        RequestCodec.split(probabilities[:5], [a, a])
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_candidates"):
+        CodecLimits(max_candidates=0)
