@@ -18,6 +18,7 @@ Writes ``benchmarks/results/optimizers.json`` and ``optimizers.md`` (a markdown 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -33,13 +34,13 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
-from adpredict.data import records, synth  # noqa: E402
-from adpredict.model import evaluation  # noqa: E402
-from adpredict.model.ctr import CTRModel  # noqa: E402
-from adpredict.model.train import DEFAULT_LEARNING_RATES, Trainer, make_optimizer  # noqa: E402
-from adpredict.schema import default_schema  # noqa: E402
+from adpredict.data import records, synth
+from adpredict.model import evaluation
+from adpredict.model.ctr import CTRModel
+from adpredict.model.train import DEFAULT_LEARNING_RATES, Trainer, make_optimizer
+from adpredict.schema import default_schema
 
 RESULTS = Path(__file__).parent / "results"
 WINDOW = 50
@@ -54,7 +55,10 @@ def ensure_data(path: Path | None, rows: int, seed: int) -> Path:
     print(f"generating {rows:,} synthetic rows into {out} ...", file=sys.stderr)
     schema = default_schema()
     with records.DatasetWriter(
-        out, schema, rows_per_shard=math.ceil(rows / 10), has_true_ctr=True,
+        out,
+        schema,
+        rows_per_shard=math.ceil(rows / 10),
+        has_true_ctr=True,
         source=f"bench_optimizers rows={rows} seed={seed}",
     ) as writer:
         for block in synth.generate(rows, seed):
@@ -95,9 +99,17 @@ def timed_epoch(trainer: Trainer, batches: Any) -> dict[str, float]:
     }
 
 
-def holdout_metrics(trainer: Trainer, info: records.DatasetInfo, batch_size: int) -> dict[str, float]:
-    ds = records.make_dataset(info.files, info.schema, 8192, holdout_every=10, holdout=True,
-                              with_true_ctr=info.has_true_ctr)
+def holdout_metrics(
+    trainer: Trainer, info: records.DatasetInfo, batch_size: int
+) -> dict[str, float]:
+    ds = records.make_dataset(
+        info.files,
+        info.schema,
+        8192,
+        holdout_every=10,
+        holdout=True,
+        with_true_ctr=info.has_true_ctr,
+    )
     out = trainer.predict(ds, with_true_ctr=info.has_true_ctr)
     metrics = evaluation.summarize(out[1], out[0])
     if info.has_true_ctr:
@@ -113,16 +125,18 @@ def new_trainer(info: records.DatasetInfo, optimizer: str, steps: int, base_rate
 
 def machine() -> dict[str, Any]:
     cpu = ""
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+    }
 
 
 def main() -> int:
@@ -140,25 +154,45 @@ def main() -> int:
         raise SystemExit(f"the data's schema has {info.schema.total_buckets} rows; need >= 2^21")
 
     def train_ds() -> Any:
-        return records.make_dataset(info.files, info.schema, args.batch_size, holdout_every=10,
-                                    shuffle_buffer=100_000, seed=args.seed)
+        return records.make_dataset(
+            info.files,
+            info.schema,
+            args.batch_size,
+            holdout_every=10,
+            shuffle_buffer=100_000,
+            seed=args.seed,
+        )
 
     train_rows = info.rows - sum(records.holdout_rows(r, 10) for _, r in info.shards)
     steps = math.ceil(train_rows / args.batch_size)
     labels = [b[records.LABEL].numpy().mean() for _, b in zip(range(50), train_ds(), strict=False)]
     base_rate = float(sum(labels) / len(labels))
 
-    results: dict[str, Any] = {"machine": machine(), "data": {"path": str(info.path), "rows": info.rows,
-               "train_rows": train_rows, "table_rows": info.schema.total_buckets},
-               "batch_size": args.batch_size, "optimizers": {}}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "data": {
+            "path": str(info.path),
+            "rows": info.rows,
+            "train_rows": train_rows,
+            "table_rows": info.schema.total_buckets,
+        },
+        "batch_size": args.batch_size,
+        "optimizers": {},
+    }
     for name in ("adam", "adagrad", "lazyadam"):
         print(f"training with {name} ...", file=sys.stderr)
         trainer = new_trainer(info, name, steps, base_rate)
         speed = timed_epoch(trainer, train_ds())
         quality = holdout_metrics(trainer, info, args.batch_size)
-        results["optimizers"][name] = {"learning_rate": DEFAULT_LEARNING_RATES[name], **speed, **quality}
-        print(f"  {speed['examples_per_s_median']:,.0f} examples/s, logloss {quality['logloss']:.5f}",
-              file=sys.stderr)
+        results["optimizers"][name] = {
+            "learning_rate": DEFAULT_LEARNING_RATES[name],
+            **speed,
+            **quality,
+        }
+        print(
+            f"  {speed['examples_per_s_median']:,.0f} examples/s, logloss {quality['logloss']:.5f}",
+            file=sys.stderr,
+        )
 
     print("input pipeline: TFRecord vs in-memory (lazyadam) ...", file=sys.stderr)
     in_memory = [b for b in train_ds()]
@@ -174,13 +208,16 @@ def main() -> int:
     }
     opt = results["optimizers"]
     results["summary"] = {
-        "lazyadam_speedup_vs_adam": opt["lazyadam"]["examples_per_s_median"] / opt["adam"]["examples_per_s_median"],
+        "lazyadam_speedup_vs_adam": opt["lazyadam"]["examples_per_s_median"]
+        / opt["adam"]["examples_per_s_median"],
         "lazyadam_logloss_vs_adam": opt["lazyadam"]["logloss"] / opt["adam"]["logloss"] - 1,
-        "adagrad_speedup_vs_adam": opt["adagrad"]["examples_per_s_median"] / opt["adam"]["examples_per_s_median"],
+        "adagrad_speedup_vs_adam": opt["adagrad"]["examples_per_s_median"]
+        / opt["adam"]["examples_per_s_median"],
     }
     results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    results["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, check=False).stdout.strip()
+    results["git"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     results["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "optimizers.json").write_text(json.dumps(results, indent=2) + "\n")

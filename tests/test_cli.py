@@ -13,7 +13,10 @@ from adpredict.cli import build_parser, main
 def test_synth_then_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     schema = Path(__file__).parent / "fixtures" / "rtb_small.toml"
     out = tmp_path / "d"
-    assert main(["synth", "--rows", "3000", "--out", str(out), "--seed", "3", "--schema", str(schema)]) == 0
+    assert (
+        main(["synth", "--rows", "3000", "--out", str(out), "--seed", "3", "--schema", str(schema)])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 3000 and summary["shards"] == 3
     assert main(["info", str(out)]) == 0
@@ -35,10 +38,17 @@ def test_train_on_missing_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture
     assert not (tmp_path / "m").exists()
 
 
-def test_unknown_schema_kind_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_schema_kind_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('name = "x"\nversion = 1\n[[fields]]\nname = "a"\nscope = "candidate"\nkind = "text"\nbuckets = 8\n')
-    assert main(["convert", "--input", str(bad), "--out", str(tmp_path / "o"), "--schema", str(bad)]) == 2
+    bad.write_text(
+        'name = "x"\nversion = 1\n[[fields]]\nname = "a"\nscope = "candidate"\nkind = "text"\nbuckets = 8\n'
+    )
+    assert (
+        main(["convert", "--input", str(bad), "--out", str(tmp_path / "o"), "--schema", str(bad)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "field 'a'" in err and "unknown kind 'text'" in err
 
@@ -51,7 +61,9 @@ def test_env_var_sets_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert args.epochs == 2
 
 
-def test_bad_env_var_is_reported(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_env_var_is_reported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("ADPREDICT_EPOCHS", "many")
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["train", "--data", "d", "--model-dir", "m"])

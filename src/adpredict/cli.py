@@ -43,8 +43,8 @@ class _EnvDefaults(argparse.ArgumentParser):
             return
         try:
             action.default = action.type(raw) if action.type else raw
-        except (TypeError, ValueError):
-            self.error(f"environment variable {var}={raw!r} is not a valid {action.dest}")
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            self.error(f"environment variable {var}={raw!r} is not a valid {action.dest} ({exc})")
         action.required = False
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
@@ -64,7 +64,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -81,14 +83,25 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     synth.check_schema(schema)
     rows_per_shard = args.rows_per_shard or max(1000, math.ceil(args.rows / 10))
     with records.DatasetWriter(
-        args.out, schema, rows_per_shard=rows_per_shard, has_true_ctr=True,
+        args.out,
+        schema,
+        rows_per_shard=rows_per_shard,
+        has_true_ctr=True,
         source=f"synth rows={args.rows} seed={args.seed} ctr={args.ctr}",
     ) as writer:
         for block in synth.generate(args.rows, args.seed, target_ctr=args.ctr):
             writer.write_columns(block.columns, block.labels, block.true_ctr)
     info = records.read_manifest(args.out)
-    print(json.dumps({"out": str(info.path), "rows": info.rows, "shards": len(info.shards),
-                      "schema": schema.name}))
+    print(
+        json.dumps(
+            {
+                "out": str(info.path),
+                "rows": info.rows,
+                "shards": len(info.shards),
+                "schema": schema.name,
+            }
+        )
+    )
     return 0
 
 
@@ -97,11 +110,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from adpredict.data import convert
 
     info = convert.convert(
-        args.input, args.out, fmt=args.format, schema_spec=args.schema,
-        rows_per_shard=args.rows_per_shard, delimiter=args.delimiter,
+        args.input,
+        args.out,
+        fmt=args.format,
+        schema_spec=args.schema,
+        rows_per_shard=args.rows_per_shard,
+        delimiter=args.delimiter,
     )
-    print(json.dumps({"out": str(info.path), "rows": info.rows, "shards": len(info.shards),
-                      "schema": info.schema.name}))
+    print(
+        json.dumps(
+            {
+                "out": str(info.path),
+                "rows": info.rows,
+                "shards": len(info.shards),
+                "schema": info.schema.name,
+            }
+        )
+    )
     return 0
 
 
@@ -110,17 +135,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from adpredict.model.train import TrainConfig, train
 
     config = TrainConfig(
-        model=args.model, optimizer=args.optimizer, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, dim=args.dim, l2=args.l2,
-        hidden=args.hidden, holdout_every=args.holdout_every, seed=args.seed,
-        init_from=args.init_from, checkpoint=not args.no_checkpoint,
+        model=args.model,
+        optimizer=args.optimizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        dim=args.dim,
+        l2=args.l2,
+        min_count=args.min_count,
+        hidden=args.hidden,
+        holdout_every=args.holdout_every,
+        seed=args.seed,
+        init_from=args.init_from,
+        checkpoint=not args.no_checkpoint,
     )
     result = train(args.data, args.model_dir, config, progress=not args.quiet)
     summary: dict[str, Any] = {"metrics": result.metrics}
     if result.export:
         ex = result.export
         summary["export"] = {
-            "path": str(ex.path), "version": ex.version, "export_bytes": ex.export_bytes,
+            "path": str(ex.path),
+            "version": ex.version,
+            "export_bytes": ex.export_bytes,
             "checkpoint_path": str(ex.checkpoint_path) if ex.checkpoint_path else None,
             "checkpoint_bytes": ex.checkpoint_bytes,
         }
@@ -138,9 +174,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         from adpredict.data.records import read_manifest
 
         info = read_manifest(path)
-        out: dict[str, Any] = {"data_set": str(info.path), "rows": info.rows,
-                               "shards": len(info.shards), "schema": info.schema.name,
-                               "has_true_ctr": info.has_true_ctr, "source": info.source}
+        out: dict[str, Any] = {
+            "data_set": str(info.path),
+            "rows": info.rows,
+            "shards": len(info.shards),
+            "schema": info.schema.name,
+            "has_true_ctr": info.has_true_ctr,
+            "source": info.source,
+        }
     else:
         from adpredict.model.export import read_metadata, resolve_version_dir
 
@@ -395,16 +436,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same rows)")
     p.add_argument("--ctr", type=float, default=0.02, help="target mean CTR (default 0.02)")
     p.add_argument("--rows-per-shard", type=_positive_int, default=None)
-    p.add_argument("--schema", default="rtb",
-                   help="rtb, or a schema file with the rtb fields (bucket counts may differ)")
+    p.add_argument(
+        "--schema",
+        default="rtb",
+        help="rtb, or a schema file with the rtb fields (bucket counts may differ)",
+    )
     p.set_defaults(handler=_cmd_synth)
 
     p = sub.add_parser("convert", help="convert CSV/TSV or Criteo TSV into training shards")
-    p.add_argument("--input", required=True, nargs="+", help="input file(s); .gz is read transparently")
+    p.add_argument(
+        "--input", required=True, nargs="+", help="input file(s); .gz is read transparently"
+    )
     p.add_argument("--out", required=True, help="output data set directory (must not exist)")
     p.add_argument("--format", choices=("csv", "tsv", "criteo"), default="csv")
-    p.add_argument("--schema", default=None,
-                   help="schema name (rtb, criteo) or file; default rtb (criteo for --format criteo)")
+    p.add_argument(
+        "--schema",
+        default=None,
+        help="schema name (rtb, criteo) or file; default rtb (criteo for --format criteo)",
+    )
     p.add_argument("--delimiter", default=None, help="override the field delimiter")
     p.add_argument("--rows-per-shard", type=_positive_int, default=100_000)
     p.set_defaults(handler=_cmd_convert)
@@ -413,21 +462,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data set directory (from synth/convert)")
     p.add_argument("--model-dir", required=True, help="MODELS/NAME: versions are written under it")
     p.add_argument("--model", choices=("lr", "fm", "deepfm"), default="deepfm")
-    p.add_argument("--optimizer", choices=("lazyadam", "adam", "adagrad", "ftrl"), default="lazyadam")
+    p.add_argument(
+        "--optimizer", choices=("lazyadam", "adam", "adagrad", "ftrl"), default="lazyadam"
+    )
     p.add_argument("--epochs", type=_positive_int, default=1)
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--dim", type=_positive_int, default=8, help="embedding dimension (fm, deepfm)")
-    p.add_argument("--l2", type=float, default=1e-4,
-                   help="L2 penalty on the table rows each example touches")
+    p.add_argument(
+        "--l2", type=float, default=1e-4, help="L2 penalty on the table rows each example touches"
+    )
+    p.add_argument(
+        "--min-count",
+        type=_positive_int,
+        default=1,
+        help="feature admission: values seen fewer times in training share the missing bucket",
+    )
     p.add_argument("--hidden", type=_int_list, default=(64, 32), help="MLP widths (deepfm)")
-    p.add_argument("--holdout-every", type=int, default=10,
-                   help="hold out every Nth record of each shard for evaluation")
+    p.add_argument(
+        "--holdout-every",
+        type=int,
+        default=10,
+        help="hold out every Nth record of each shard for evaluation",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-from", default=None,
-                   help="warm start from an exported version (or a model dir: its latest)")
-    p.add_argument("--no-checkpoint", action="store_true",
-                   help="do not keep a training checkpoint with optimizer slots")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="warm start from an exported version (or a model dir: its latest)",
+    )
+    p.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="do not keep a training checkpoint with optimizer slots",
+    )
     p.add_argument("--metrics-out", default=None, help="also write the metrics JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_train)

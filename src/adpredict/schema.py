@@ -24,6 +24,7 @@ compares fingerprints so that a model is only ever fed the features it was train
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -210,7 +211,7 @@ def _parse_field(raw: Any, index: int, source: str) -> Field:
         except (TypeError, ValueError):
             raise SchemaError(f"{where}: 'boundaries' must be numbers, got {rb!r}") from None
         if any(not math.isfinite(b) for b in boundaries) or any(
-            b2 <= b1 for b1, b2 in zip(boundaries, boundaries[1:], strict=False)
+            b2 <= b1 for b1, b2 in itertools.pairwise(boundaries)
         ):
             raise SchemaError(f"{where}: 'boundaries' must be finite and strictly increasing")
         expected = len(boundaries) + 2
@@ -236,8 +237,14 @@ def _parse_field(raw: Any, index: int, source: str) -> Field:
     max_values = 1
     if kind == "multi_categorical":
         max_values = raw.get("max_values", _DEFAULT_MAX_VALUES)
-        if not isinstance(max_values, int) or isinstance(max_values, bool) or not 1 <= max_values <= 1024:
-            raise SchemaError(f"{where}: 'max_values' must be an integer in [1, 1024], got {max_values!r}")
+        if (
+            not isinstance(max_values, int)
+            or isinstance(max_values, bool)
+            or not 1 <= max_values <= 1024
+        ):
+            raise SchemaError(
+                f"{where}: 'max_values' must be an integer in [1, 1024], got {max_values!r}"
+            )
     elif "max_values" in raw:
         raise SchemaError(f"{where}: 'max_values' only applies to multi_categorical fields")
     return Field(name, scope, kind, int(buckets), boundaries, int(max_values), description)
@@ -258,7 +265,9 @@ def load_schema(spec: str | Path) -> Schema:
         text = path.read_text(encoding="utf-8")
         raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise SchemaError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
+        raise SchemaError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
+        ) from None
     return Schema.from_dict(raw, source=str(path))
 
 

@@ -35,7 +35,9 @@ def _csv(path: Path, rows: int = 30, label: str = "1", extra: str = "") -> Path:
 
 def test_csv_round_trip(tmp_path: Path) -> None:
     src = _csv(tmp_path / "in.csv")
-    info = convert.convert([src], tmp_path / "out", fmt="csv", schema_spec=SCHEMA, rows_per_shard=10)
+    info = convert.convert(
+        [src], tmp_path / "out", fmt="csv", schema_spec=SCHEMA, rows_per_shard=10
+    )
     assert info.rows == 30 and len(info.shards) == 3
     ds = records.make_dataset(info.files, info.schema, 64)
     batch = next(iter(ds))
@@ -76,7 +78,9 @@ def test_criteo_layout(tmp_path: Path) -> None:
         (lambda t: t + "1,2\n", ":32: expected"),
     ],
 )
-def test_bad_csv_names_the_problem_and_publishes_nothing(tmp_path: Path, mutate, message: str) -> None:
+def test_bad_csv_names_the_problem_and_publishes_nothing(
+    tmp_path: Path, mutate, message: str
+) -> None:
     src = _csv(tmp_path / "in.csv")
     src.write_text(mutate(src.read_text()))
     with pytest.raises(DataError, match=message):

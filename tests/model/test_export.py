@@ -30,9 +30,13 @@ def _features(schema, n: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
             vals[0] = [b"", b"", b""]
             feats[f.name] = np.array(vals, dtype=object)
         elif f.is_numeric:
-            feats[f.name] = np.array([f"{x:.2f}".encode() for x in rng.lognormal(0, 1, n)], dtype=object)
+            feats[f.name] = np.array(
+                [f"{x:.2f}".encode() for x in rng.lognormal(0, 1, n)], dtype=object
+            )
         else:
-            feats[f.name] = np.array([f"v{rng.integers(100)}".encode() for _ in range(n)], dtype=object)
+            feats[f.name] = np.array(
+                [f"v{rng.integers(100)}".encode() for _ in range(n)], dtype=object
+            )
     feats[schema.fields[0].name][1] = b""  # a missing value
     feats["request_index"] = np.arange(n, dtype=np.int32)
     return feats
@@ -78,18 +82,26 @@ def test_export_matches_keras_in_a_fresh_process(model: CTRModel, tmp_path: Path
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run(
         [sys.executable, "-c", script, str(result.path), str(tmp_path / "feats.npy")],
-        capture_output=True, text=True, env=env, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
     )
     got = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_export_has_no_optimizer_slots_and_checkpoint_has_them(model: CTRModel, tmp_path: Path) -> None:
+def test_export_has_no_optimizer_slots_and_checkpoint_has_them(
+    model: CTRModel, tmp_path: Path
+) -> None:
     optimizer = make_optimizer("lazyadam", 0.01)
     optimizer.build(model.trainable_variables)
     result = export.export_model(model, tmp_path / "m", {}, optimizer=optimizer)
     saved = tf.train.list_variables(str(result.path / "variables" / "variables"))
-    assert not any("optimizer" in name or "momentum" in name or "velocity" in name for name, _ in saved)
+    assert not any(
+        "optimizer" in name or "momentum" in name or "velocity" in name for name, _ in saved
+    )
     ckpt = tf.train.list_variables(str(result.checkpoint_path / "ckpt"))
     assert any("optimizer" in name for name, _ in ckpt)
     # Adam keeps two slots per variable: the checkpoint is about three times the export.
@@ -108,7 +120,9 @@ def test_failed_export_leaves_nothing(model: CTRModel, tmp_path: Path, monkeypat
     assert list((tmp_path / "m").iterdir()) == []
 
 
-def test_warm_start_copies_weights_and_checks_compatibility(model: CTRModel, tmp_path: Path) -> None:
+def test_warm_start_copies_weights_and_checks_compatibility(
+    model: CTRModel, tmp_path: Path
+) -> None:
     result = export.export_model(model, tmp_path / "m", {})
     fresh = CTRModel(model.schema, kind="deepfm", dim=4, hidden=(8,), seed=99)
     feats = _features(model.schema)
@@ -129,7 +143,7 @@ def test_resolve_and_read_metadata_errors(tmp_path: Path) -> None:
         export.resolve_version_dir(tmp_path)
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "saved_model.pb").write_bytes(b"x")
-    with pytest.raises(ModelError, match="no adpredict.json"):
+    with pytest.raises(ModelError, match=r"no adpredict\.json"):
         export.read_metadata(tmp_path / "1")
     (tmp_path / "1" / "adpredict.json").write_text("{not json")
     with pytest.raises(ModelError, match="unreadable metadata"):

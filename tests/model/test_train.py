@@ -29,7 +29,9 @@ def test_trained_model_metrics_and_export(small_model_root: Path) -> None:
 
 
 def test_learns_better_than_the_base_rate(small_data_dir: Path, tmp_path: Path) -> None:
-    result = train(small_data_dir, tmp_path / "m", TrainConfig(model="lr", epochs=2), export=False, **QUIET)
+    result = train(
+        small_data_dir, tmp_path / "m", TrainConfig(model="lr", epochs=2), export=False, **QUIET
+    )
     holdout = result.metrics["holdout"]
     p = holdout["observed_ctr"]
     import math
@@ -40,10 +42,14 @@ def test_learns_better_than_the_base_rate(small_data_dir: Path, tmp_path: Path) 
     assert result.export is None and not (tmp_path / "m").exists()
 
 
-def test_warm_start_from_previous_version(small_model_root: Path, small_data_dir: Path, tmp_path: Path) -> None:
+def test_warm_start_from_previous_version(
+    small_model_root: Path, small_data_dir: Path, tmp_path: Path
+) -> None:
     models = tmp_path / "small"
     shutil.copytree(small_model_root / "small", models)
-    cfg = TrainConfig(epochs=1, batch_size=512, checkpoint=False, hidden=(16,), init_from=str(models / "1"))
+    cfg = TrainConfig(
+        epochs=1, batch_size=512, checkpoint=False, hidden=(16,), init_from=str(models / "1")
+    )
     result = train(small_data_dir, models, cfg, **QUIET)
     assert result.export.version == 2
     assert read_metadata(models / "2")["training"]["warm_start"] == 1
@@ -75,7 +81,7 @@ def test_corrupt_shard_is_named_and_nothing_exported(small_data_dir: Path, tmp_p
     mid = len(raw) // 2
     raw[mid : mid + 64] = b"\xff" * 64
     shard.write_bytes(bytes(raw))
-    with pytest.raises(DataError, match="part-00003.tfrecord"):
+    with pytest.raises(DataError, match=r"part-00003\.tfrecord"):
         train(data, tmp_path / "m", TrainConfig(model="lr"), **QUIET)
     assert list_versions(tmp_path / "m") == []
 

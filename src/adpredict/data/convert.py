@@ -39,7 +39,9 @@ def _open_text(path: Path) -> TextIO:
     return open(path, encoding="utf-8", newline="")
 
 
-def _rows(path: Path, delimiter: str, header: Sequence[str] | None) -> Iterator[tuple[int, list[str], list[str]]]:
+def _rows(
+    path: Path, delimiter: str, header: Sequence[str] | None
+) -> Iterator[tuple[int, list[str], list[str]]]:
     """Yield (line number, header, cells) for each data row of one file."""
     with _open_text(path) as fh:
         reader = csv.reader(fh, delimiter=delimiter)
@@ -91,7 +93,9 @@ def convert(
         raise DataError("no input files given")
     schema = load_schema(schema_spec or ("criteo" if fmt == "criteo" else "rtb"))
     if fmt == "criteo" and set(schema.names) != set(CRITEO_COLUMNS[1:]):
-        raise DataError(f"--format criteo needs a schema with fields i1..i13, c1..c26; {schema.name!r} differs")
+        raise DataError(
+            f"--format criteo needs a schema with fields i1..i13, c1..c26; {schema.name!r} differs"
+        )
     delim = delimiter or ("," if fmt == "csv" else "\t")
     paths = [Path(p) for p in inputs]
     with_truth = False
@@ -107,7 +111,10 @@ def convert(
         with_truth = truth.pop()
     multi = {f.name for f in schema.fields if f.is_multi}
     with DatasetWriter(
-        out_dir, schema, rows_per_shard=rows_per_shard, has_true_ctr=with_truth,
+        out_dir,
+        schema,
+        rows_per_shard=rows_per_shard,
+        has_true_ctr=with_truth,
         source=f"convert {fmt}: " + ", ".join(str(p) for p in paths),
     ) as writer:
         for path in paths:

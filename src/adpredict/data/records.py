@@ -100,7 +100,9 @@ def read_manifest(data_dir: str | Path) -> DatasetInfo:
         if "/" in name or name.startswith(".") or not shard.is_file():
             raise DataError(f"{path}: shard {name!r} listed in {MANIFEST} is missing")
     if rows != sum(r for _, r in shards):
-        raise DataError(f"{manifest}: 'rows' is {rows} but the shards hold {sum(r for _, r in shards)}")
+        raise DataError(
+            f"{manifest}: 'rows' is {rows} but the shards hold {sum(r for _, r in shards)}"
+        )
     return DatasetInfo(
         path=path,
         schema=schema,
@@ -138,7 +140,9 @@ class DatasetWriter:
         self.rows_per_shard = rows_per_shard
         self.has_true_ctr = has_true_ctr
         self.source = source
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self._tmp = Path(
+            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent)
+        )
         self._shards: list[tuple[str, int]] = []
         self._writer: Any = None
         self._in_shard = 0
@@ -194,7 +198,9 @@ class DatasetWriter:
         labels_arr = np.asarray(labels)
         bad = np.flatnonzero((labels_arr != 0) & (labels_arr != 1))
         if bad.size:
-            raise DataError(f"row {self.rows + int(bad[0]) + 1}: label {labels_arr[bad[0]].item()!r} is not 0 or 1")
+            raise DataError(
+                f"row {self.rows + int(bad[0]) + 1}: label {labels_arr[bad[0]].item()!r} is not 0 or 1"
+            )
         for i in range(n):
             ex = self._example_cls()
             fmap = ex.features.feature
@@ -313,8 +319,7 @@ def holdout_rows(shard_rows: int, holdout_every: int) -> int:
     """How many of a shard's records ``make_dataset`` holds out."""
     groups = -(-shard_rows // GROUP_RECORDS)
     return sum(
-        min(GROUP_RECORDS, shard_rows - g * GROUP_RECORDS)
-        for g in range(0, groups, holdout_every)
+        min(GROUP_RECORDS, shard_rows - g * GROUP_RECORDS) for g in range(0, groups, holdout_every)
     )
 
 

@@ -34,43 +34,78 @@ LATENT_DIM = 4
 
 # field -> (distinct values, zipf exponent, weight std). Derived fields have no exponent.
 _VOCAB: dict[str, tuple[int, float | None, float]] = {
-    "site_domain": (200_000, 1.2, 0.1),
-    "publisher_id": (20_000, None, 0.15),
-    "exchange": (8, 1.2, 0.15),
-    "device_type": (5, 1.0, 0.35),
+    "site_domain": (200_000, 1.2, 0.06),
+    "publisher_id": (20_000, None, 0.08),
+    "exchange": (8, 1.2, 0.2),
+    "device_type": (5, 1.0, 0.4),
     "os": (10, 1.3, 0.15),
     "browser": (9, 1.3, 0.1),
-    "country": (120, 1.4, 0.25),
-    "region": (3_000, None, 0.05),
+    "country": (120, 1.4, 0.3),
+    "region": (3_000, None, 0.03),
     "hour_of_day": (24, None, 0.2),
     "day_of_week": (7, None, 0.05),
-    "slot_size": (16, 1.1, 0.35),
-    "user_segments": (5_000, 1.2, 0.3),
-    "advertiser_id": (4_000, None, 0.3),
-    "campaign_id": (30_000, None, 0.1),
-    "creative_id": (500_000, 1.2, 0.05),
-    "ad_format": (4, None, 0.4),
-    "creative_size": (12, None, 0.2),
-    "landing_domain": (150_000, None, 0.05),
-    "iab_category": (300, None, 0.25),
+    "slot_size": (16, 1.1, 0.4),
+    "user_segments": (5_000, 1.2, 0.2),
+    "advertiser_id": (4_000, None, 0.2),
+    "campaign_id": (30_000, None, 0.05),
+    "creative_id": (500_000, 1.2, 0.03),
+    "ad_format": (4, None, 0.5),
+    "creative_size": (12, None, 0.25),
+    "landing_domain": (150_000, None, 0.03),
+    "iab_category": (300, None, 0.3),
 }
 #: Pairwise interactions of the hidden model and the variance of each latent coordinate.
 PAIRS: tuple[tuple[str, str, float], ...] = (
-    ("device_type", "ad_format", 0.3),
-    ("slot_size", "creative_size", 0.3),
+    ("device_type", "ad_format", 0.35),
+    ("slot_size", "creative_size", 0.35),
     ("hour_of_day", "iab_category", 0.15),
-    ("user_segments", "iab_category", 0.3),
-    ("country", "advertiser_id", 0.1),
-    ("site_domain", "iab_category", 0.05),
+    ("user_segments", "iab_category", 0.2),
+    ("country", "advertiser_id", 0.05),
+    ("site_domain", "iab_category", 0.02),
 )
 _NAMES = {
     "exchange": ["adx", "openx", "pubmatic", "magnite", "index", "xandr", "sovrn", "triplelift"],
     "device_type": ["mobile", "desktop", "tablet", "ctv", "other"],
-    "os": ["android", "ios", "windows", "macos", "linux", "chromeos", "tizen", "webos", "roku", "other"],
-    "browser": ["chrome", "safari", "edge", "firefox", "samsung", "opera", "webview", "yandex", "other"],
+    "os": [
+        "android",
+        "ios",
+        "windows",
+        "macos",
+        "linux",
+        "chromeos",
+        "tizen",
+        "webos",
+        "roku",
+        "other",
+    ],
+    "browser": [
+        "chrome",
+        "safari",
+        "edge",
+        "firefox",
+        "samsung",
+        "opera",
+        "webview",
+        "yandex",
+        "other",
+    ],
     "slot_size": [
-        "300x250", "320x50", "728x90", "300x600", "160x600", "320x100", "970x250", "336x280",
-        "468x60", "120x600", "250x250", "200x200", "300x50", "970x90", "480x320", "1024x768",
+        "300x250",
+        "320x50",
+        "728x90",
+        "300x600",
+        "160x600",
+        "320x100",
+        "970x250",
+        "336x280",
+        "468x60",
+        "120x600",
+        "250x250",
+        "200x200",
+        "300x50",
+        "970x90",
+        "480x320",
+        "1024x768",
     ],
     "ad_format": ["banner", "native", "video", "interstitial"],
     "day_of_week": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
@@ -125,15 +160,15 @@ class World:
             raise ValueError(f"target_ctr must be in [0.001, 0.2], got {target_ctr}")
         rng = np.random.default_rng([seed, 0])
         self.vocab = {f: _vocab(f, n) for f, (n, _, _) in _VOCAB.items()}
-        self.popularity = {
-            f: _zipf_probs(n, s) for f, (n, s, _) in _VOCAB.items() if s is not None
-        }
+        self.popularity = {f: _zipf_probs(n, s) for f, (n, s, _) in _VOCAB.items() if s is not None}
         # Randomise which ids are popular so that popularity is not encoded in the id.
         self.perm = {f: rng.permutation(_VOCAB[f][0]) for f in self.popularity}
         n = {f: v[0] for f, v in _VOCAB.items()}
         self.site_publisher = rng.integers(0, n["publisher_id"], n["site_domain"])
         self.region_country = rng.integers(0, n["country"], n["region"])
-        self.country_regions = [np.flatnonzero(self.region_country == c) for c in range(n["country"])]
+        self.country_regions = [
+            np.flatnonzero(self.region_country == c) for c in range(n["country"])
+        ]
         self.creative_campaign = rng.integers(0, n["campaign_id"], n["creative_id"])
         # Campaign -> advertiser follows a Zipf so a few advertisers run many campaigns.
         self.campaign_advertiser = rng.choice(
@@ -164,8 +199,16 @@ class World:
 
     def _sample_ids(self, rng: np.random.Generator, size: int) -> dict[str, Any]:
         ids: dict[str, Any] = {}
-        for f in ("site_domain", "exchange", "device_type", "os", "browser", "country",
-                  "slot_size", "creative_id"):
+        for f in (
+            "site_domain",
+            "exchange",
+            "device_type",
+            "os",
+            "browser",
+            "country",
+            "slot_size",
+            "creative_id",
+        ):
             ids[f] = self._popular(rng, f, size)
         ids["publisher_id"] = self.site_publisher[ids["site_domain"]]
         regions = np.empty(size, np.int64)
@@ -192,7 +235,7 @@ class World:
     def _segment_mean(self, table: np.ndarray, seg: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         flat, counts = seg
         rows = np.repeat(np.arange(len(counts)), counts)
-        out = np.zeros((len(counts),) + table.shape[1:])
+        out = np.zeros((len(counts), *table.shape[1:]))
         np.add.at(out, rows, table[flat])
         return out / np.maximum(counts, 1).reshape((-1,) + (1,) * (table.ndim - 1))
 

@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 from adpredict.errors import ModelError
-from adpredict.model.features import FeatureHasher
+from adpredict.model.features import FeatureHasher, HashedFeatures
 from adpredict.schema import Schema
 
 MODEL_KINDS = ("lr", "fm", "deepfm")
@@ -60,6 +60,20 @@ class CTRModel(keras.Model):
             initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed),
         )
         self.bias = self.add_weight(name="bias", shape=(), initializer="zeros")
+        # Feature admission: a row is used only if admitted (1); others fall back to their
+        # field's missing bucket. All ones until training counts the data (see train.py).
+        self.admitted = self.add_weight(
+            name="admitted",
+            shape=(schema.total_buckets,),
+            dtype="int8",
+            initializer="ones",
+            trainable=False,
+        )
+        offsets = schema.offsets()
+        self._single_offsets = tf.constant(
+            [offsets[f.name] for f in self.hasher.single_fields], tf.int64
+        )
+        self._multi_offsets = [offsets[f.name] for f in self.hasher.multi_fields]
         self.mlp = [
             keras.layers.Dense(
                 h, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed + i)
@@ -81,7 +95,7 @@ class CTRModel(keras.Model):
 
     def field_rows(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
         """``[B, F, 1+dim]``: each field's (weighted) table row, one gather for all fields."""
-        hashed = self.hasher(features)
+        hashed = self.admit(self.hasher(features))
         parts = [tf.reshape(hashed.single_ids, [-1])]
         parts += [tf.reshape(ids, [-1]) for ids in hashed.multi_ids]
         rows = tf.gather(self.table, tf.concat(parts, axis=0))
@@ -95,8 +109,27 @@ class CTRModel(keras.Model):
             pieces[1:], hashed.multi_ids, hashed.multi_weights, strict=True
         ):
             per_value = tf.reshape(piece, [batch, tf.shape(ids)[1], width])
-            fields.append(tf.reduce_sum(per_value * weights[:, :, tf.newaxis], axis=1, keepdims=True))
+            fields.append(
+                tf.reduce_sum(per_value * weights[:, :, tf.newaxis], axis=1, keepdims=True)
+            )
         return tf.concat(fields, axis=1) if len(fields) > 1 else fields[0]
+
+    def admit(self, hashed: HashedFeatures) -> HashedFeatures:
+        """Replace rows that are not admitted by their field's missing bucket."""
+        admitted = tf.convert_to_tensor(self.admitted)
+
+        def keep(ids: tf.Tensor, fallback: tf.Tensor | int) -> tf.Tensor:
+            ok = tf.gather(admitted, ids) > 0
+            return tf.where(ok, ids, tf.broadcast_to(tf.cast(fallback, ids.dtype), tf.shape(ids)))
+
+        return HashedFeatures(
+            single_ids=keep(hashed.single_ids, self._single_offsets[tf.newaxis, :]),
+            multi_ids=tuple(
+                keep(ids, off)
+                for ids, off in zip(hashed.multi_ids, self._multi_offsets, strict=True)
+            ),
+            multi_weights=hashed.multi_weights,
+        )
 
     def call(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         return self.logits_and_rows(features)[0]

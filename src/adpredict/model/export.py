@@ -79,7 +79,9 @@ def list_versions(model_dir: str | Path) -> list[int]:
     path = Path(model_dir)
     if not path.is_dir():
         return []
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(
+        int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def _publish(tmp: Path, parent: Path, first: int) -> int:
@@ -144,7 +146,9 @@ def export_model(
     return ExportResult(version, root / str(version), export_bytes, ckpt_path, ckpt_bytes)
 
 
-def _write_checkpoint(model: CTRModel, optimizer: Any, parent: Path, version: int) -> tuple[Path, int]:
+def _write_checkpoint(
+    model: CTRModel, optimizer: Any, parent: Path, version: int
+) -> tuple[Path, int]:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
     try:
@@ -180,7 +184,9 @@ def resolve_version_dir(path: str | Path) -> Path:
         return p
     versions = list_versions(p)
     if not versions:
-        raise ModelNotFoundError(f"{p}: neither an exported version nor a model directory with versions")
+        raise ModelNotFoundError(
+            f"{p}: neither an exported version nor a model directory with versions"
+        )
     return p / str(versions[-1])
 
 

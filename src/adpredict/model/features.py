@@ -89,9 +89,7 @@ class FeatureHasher:
     ) -> tuple[dict[str, tf.Tensor], dict[str, tuple[tf.Tensor, tf.Tensor]]]:
         single: dict[str, tf.Tensor] = {}
         multi: dict[str, tuple[tf.Tensor, tf.Tensor]] = {}
-        cats = tuple(
-            f for f in self.single_fields if f.scope == scope and not f.is_numeric
-        )
+        cats = tuple(f for f in self.single_fields if f.scope == scope and not f.is_numeric)
         if cats:
             hashed = self._categorical(cats, features)
             for i, f in enumerate(cats):

@@ -44,6 +44,7 @@ class TrainConfig:
     lr_decay: bool = True  # cosine decay to 0 over the run: a calm final model
     dim: int = 8
     l2: float = 1e-4  # L2 on the table rows a batch touches, per example
+    min_count: int = 1  # feature admission: rows seen fewer times share the missing bucket
     hidden: tuple[int, ...] = (64, 32)
     holdout_every: int = 10  # every 10th group of 64 records of each shard is held out
     shuffle_buffer: int = 100_000  # records
@@ -55,7 +56,9 @@ class TrainConfig:
         if self.model not in MODEL_KINDS:
             raise ModelError(f"--model must be one of {list(MODEL_KINDS)}, got {self.model!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ModelError(f"--optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ModelError(
+                f"--optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         if self.epochs < 1:
             raise ModelError(f"--epochs must be >= 1, got {self.epochs}")
         if not 1 <= self.batch_size <= 1 << 20:
@@ -66,6 +69,8 @@ class TrainConfig:
             raise ModelError(f"--learning-rate must be a positive number, got {self.learning_rate}")
         if not (math.isfinite(self.l2) and self.l2 >= 0):
             raise ModelError(f"--l2 must be a non-negative number, got {self.l2}")
+        if self.min_count < 1:
+            raise ModelError(f"--min-count must be >= 1, got {self.min_count}")
         if self.holdout_every < 2:
             raise ModelError(f"--holdout-every must be >= 2, got {self.holdout_every}")
 
@@ -117,7 +122,9 @@ class Trainer:
             with tf.GradientTape() as tape:
                 logits, rows = model.logits_and_rows(batch)
                 loss = tf.reduce_mean(
-                    tf.nn.sigmoid_cross_entropy_with_logits(labels=batch[records.LABEL], logits=logits)
+                    tf.nn.sigmoid_cross_entropy_with_logits(
+                        labels=batch[records.LABEL], logits=logits
+                    )
                 )
                 # L2 on the rows this batch touched: keeps the table's gradient sparse.
                 penalty = l2 * tf.reduce_mean(tf.reduce_sum(tf.square(rows), axis=[1, 2]))
@@ -134,7 +141,9 @@ class Trainer:
         self.train_step = train_step
         self.predict_step = predict_step
 
-    def fit_epoch(self, dataset: Any, on_step: Callable[[int, float | None], None] | None = None) -> float:
+    def fit_epoch(
+        self, dataset: Any, on_step: Callable[[int, float | None], None] | None = None
+    ) -> float:
         """One pass over ``dataset``; returns the mean training loss."""
         losses = []
         for step, batch in enumerate(dataset, 1):
@@ -190,9 +199,13 @@ def train(
     schema = info.schema
     files = info.files
     if info.rows < config.holdout_every * 2:
-        raise DataError(f"{info.path}: {info.rows} rows are too few to hold out every {config.holdout_every}th")
+        raise DataError(
+            f"{info.path}: {info.rows} rows are too few to hold out every {config.holdout_every}th"
+        )
     keras.utils.set_random_seed(config.seed)
-    model = CTRModel(schema, kind=config.model, dim=config.dim, hidden=config.hidden, seed=config.seed)
+    model = CTRModel(
+        schema, kind=config.model, dim=config.dim, hidden=config.hidden, seed=config.seed
+    )
     warm: dict[str, Any] | None = None
     if config.init_from:
         warm = copy_weights_from_export(model, config.init_from)
@@ -207,9 +220,13 @@ def train(
 
     def dataset(holdout: bool, shuffle: bool) -> Any:
         return records.make_dataset(
-            files, schema, config.batch_size,
-            holdout_every=config.holdout_every, holdout=holdout,
-            shuffle_buffer=config.shuffle_buffer if shuffle else 0, seed=config.seed,
+            files,
+            schema,
+            config.batch_size,
+            holdout_every=config.holdout_every,
+            holdout=holdout,
+            shuffle_buffer=config.shuffle_buffer if shuffle else 0,
+            seed=config.seed,
             with_true_ctr=info.has_true_ctr,
         )
 
@@ -217,6 +234,13 @@ def train(
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     try:
+        admission = admit_frequent_rows(
+            model, dataset(holdout=False, shuffle=False), config.min_count, keep_existing=bool(warm)
+        )
+        say(
+            f"feature admission: {admission['admitted_rows']:,} table rows seen >= "
+            f"{config.min_count} times are admitted"
+        )
         if not warm:
             base_rate = _base_rate(dataset(holdout=False, shuffle=False))
             model.bias.assign(math.log(base_rate / (1 - base_rate)))
@@ -227,11 +251,19 @@ def train(
             loss = trainer.fit_epoch(dataset(holdout=False, shuffle=True), bar.update)
             bar.close()
             seconds = time.perf_counter() - t0
-            history.append({"epoch": epoch, "loss": loss, "seconds": seconds,
-                            "examples_per_s": train_rows / seconds})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": loss,
+                    "seconds": seconds,
+                    "examples_per_s": train_rows / seconds,
+                }
+            )
             say(f"epoch {epoch}: loss {loss:.5f}, {train_rows / seconds:,.0f} examples/s")
         train_seconds = time.perf_counter() - started
-        outputs = trainer.predict(dataset(holdout=True, shuffle=False), with_true_ctr=info.has_true_ctr)
+        outputs = trainer.predict(
+            dataset(holdout=True, shuffle=False), with_true_ctr=info.has_true_ctr
+        )
     except tf.errors.OpError as exc:
         raise to_data_error(exc) from None
 
@@ -240,6 +272,7 @@ def train(
         metrics["oracle"] = evaluation.summarize(outputs[1], outputs[2])
         metrics["logloss_vs_oracle"] = metrics["holdout"]["logloss"] / metrics["oracle"]["logloss"]
         metrics["auc_vs_oracle"] = metrics["holdout"]["auc"] - metrics["oracle"]["auc"]
+    metrics["admission"] = admission
     metrics["train"] = {
         "rows": train_rows,
         "epochs": config.epochs,
@@ -251,16 +284,70 @@ def train(
     if not export:
         return result
     meta = {
-        "training": {**asdict(config), "learning_rate": config.lr, "history": history,
-                     "warm_start": warm.get("version") if warm else None},
-        "data": {"path": str(info.path), "rows": info.rows, "source": info.source,
-                 "created": info.created},
+        "training": {
+            **asdict(config),
+            "learning_rate": config.lr,
+            "history": history,
+            "warm_start": warm.get("version") if warm else None,
+        },
+        "data": {
+            "path": str(info.path),
+            "rows": info.rows,
+            "source": info.source,
+            "created": info.created,
+        },
         "metrics": metrics,
     }
     result.export = export_model(
         model, model_dir, meta, optimizer=optimizer if config.checkpoint else None
     )
     return result
+
+
+def count_rows(model: CTRModel, dataset: Any) -> np.ndarray:
+    """How often each table row is looked up by ``dataset`` (before admission)."""
+    total = model.schema.total_buckets
+
+    @tf.function(reduce_retracing=True)
+    def count(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+        hashed = model.hasher(batch)
+        ids = [tf.reshape(hashed.single_ids, [-1])]
+        for multi, weights in zip(hashed.multi_ids, hashed.multi_weights, strict=True):
+            ids.append(tf.boolean_mask(tf.reshape(multi, [-1]), tf.reshape(weights, [-1]) > 0))
+        flat = tf.cast(tf.concat(ids, axis=0), tf.int32)
+        return tf.math.bincount(flat, minlength=total, maxlength=total, dtype=tf.int64)
+
+    counts = np.zeros(total, np.int64)
+    for batch in dataset:
+        counts += count(batch).numpy()
+    return counts
+
+
+def admit_frequent_rows(
+    model: CTRModel, dataset: Any, min_count: int, *, keep_existing: bool = False
+) -> dict[str, Any]:
+    """Admit the table rows that ``dataset`` looks up at least ``min_count`` times.
+
+    A value seen only a handful of times gets a row of pure noise, and many such rows
+    drown real signal (measured: 8 signal-free high-cardinality fields cost an FM 1.5% of
+    log-loss). Rows below the threshold share their field's missing bucket instead, in
+    training and - because the mask is a model variable - in serving. Missing buckets are
+    always admitted; with ``keep_existing`` (warm start) previously admitted rows stay.
+    """
+    counts = count_rows(model, dataset)
+    admitted = counts >= min_count
+    for offset in model.schema.offsets().values():
+        admitted[offset] = True
+    if keep_existing:
+        admitted |= model.admitted.numpy() > 0
+    model.admitted.assign(admitted.astype(np.int8))
+    seen = counts > 0
+    return {
+        "min_count": min_count,
+        "admitted_rows": int(admitted.sum()),
+        "seen_rows": int(seen.sum()),
+        "lookups_admitted": float(counts[admitted].sum() / max(counts.sum(), 1)),
+    }
 
 
 def _base_rate(dataset: Any, rows: int = 100_000) -> float:
@@ -294,8 +381,14 @@ class _Bar:
     def __init__(self, total: int, desc: str) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr,
-                         mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="step",
+            file=sys.stderr,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+            dynamic_ncols=True,
+        )
 
     def update(self, step: int, loss: float | None) -> None:
         self._bar.update(1)
