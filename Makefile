@@ -42,6 +42,8 @@ demo-model: $(STAMP)
 	fi
 
 run: demo-model
+	@echo "Serving on localhost:$(PORT). In another terminal:"
+	@echo "  $(VENV)/bin/adpredict predict --target localhost:$(PORT) --example"
 	$(VENV)/bin/adpredict serve --model-dir $(MODELS) --host 127.0.0.1 --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: $(STAMP)
@@ -61,7 +63,9 @@ proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src --grpc_python_out=src proto/adpredict/v1/prediction_service.proto
 
 bench: $(STAMP)
+	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_optimizers.py --quick
+	$(PY) benchmarks/bench_batching_quick.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info src/*.egg-info

@@ -336,8 +336,9 @@ def _add_serve_parsers(sub: Any) -> None:
     p.add_argument(
         "--max-wait-ms",
         type=_amount(positive=False),
-        default=2.0,
-        help="longest a request waits for others to batch with (default 2)",
+        default=0.0,
+        help="longest a request waits for others when a compute thread is free (default 0: "
+        "dispatch at once; batches form from requests arriving while compute is busy)",
     )
     p.add_argument(
         "--sla-ms",

@@ -233,19 +233,10 @@ def _example_value(field: Field, rng: np.random.Generator) -> FeatureValue:
 
 
 def _token(name: str, rng: np.random.Generator) -> str:
-    """A value index drawn with a Zipf-like head, spelled the way the synthetic data spells it.
-
-    Reads ``synth``'s private vocabulary tables: they are the only definition of the spellings.
-    """
-    size, _, _ = synth._VOCAB.get(name, (1000, None, 0.0))
+    """A value index drawn with a Zipf-like head, spelled the way the synthetic data spells it."""
+    size = synth.cardinality(name) or 1000
     index = int(min(rng.zipf(1.5), size)) - 1
-    if name in synth._NAMES:
-        return synth._NAMES[name][index % len(synth._NAMES[name])]
-    if name == "hour_of_day":
-        return str(index % 24)
-    if name in synth._PREFIX:
-        return synth._PREFIX[name].format(index)
-    return f"{name}-{index}"
+    return synth.value_string(name, index) or f"{name}-{index}"
 
 
 # ----------------------------------------------------------------------------------- clients

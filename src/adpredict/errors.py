@@ -5,6 +5,7 @@
     ├── DataError                  a data file, row or directory is unusable
     ├── ModelError                 a model cannot be trained, exported or loaded
     │   └── ModelNotFoundError     no such model (or version) under the model dir
+    ├── StartupError               the server cannot start (options, port in use, model dir)
     └── RequestError               a prediction request is bad (serving side)
         ├── InvalidRequestError    the caller sent something malformed
         ├── OverloadedError        the queue is full; retry elsewhere or later
@@ -35,6 +36,10 @@ class ModelError(AdpredictError):
 
 class ModelNotFoundError(ModelError):
     """The requested model name or version does not exist."""
+
+
+class StartupError(AdpredictError):
+    """The server cannot start: bad options, a port in use, a missing model directory."""
 
 
 class RequestError(AdpredictError):

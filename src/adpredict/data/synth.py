@@ -142,6 +142,27 @@ def _zipf_probs(n: int, s: float) -> np.ndarray:
     return p / p.sum()
 
 
+def cardinality(field: str) -> int | None:
+    """How many distinct values the generator draws for ``field`` (None: not an id field)."""
+    spec = _VOCAB.get(field)
+    return spec[0] if spec else None
+
+
+def value_string(field: str, index: int) -> str | None:
+    """The ``index``-th value of ``field`` spelled as the generated data spells it.
+
+    ``None`` for fields the generator does not draw from a vocabulary (``bid_cpm``).
+    """
+    if field not in _VOCAB:
+        return None
+    if field in _NAMES:
+        names = _NAMES[field]
+        return names[index % len(names)]
+    if field == "hour_of_day":
+        return str(index % 24)
+    return _PREFIX[field].format(index)
+
+
 def _vocab(field: str, n: int) -> np.ndarray:
     if field in _NAMES:
         names = _NAMES[field][:n]

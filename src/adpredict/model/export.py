@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ METADATA_FILE = "adpredict.json"
 SIGNATURE = "serving_default"
 OUTPUT = "probability"
 CHECKPOINTS = ".checkpoints"
+#: Canonical positive integers only ("007", "0" and non-ASCII digits are not versions).
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adpredict.errors import AdpredictError
+from adpredict.errors import AdpredictError, StartupError
 from adpredict.serving.batcher import BatcherOptions
 from adpredict.serving.service import PredictionServicer
 from adpredict.v1 import prediction_service_pb2 as pb
@@ -98,10 +98,6 @@ _PARENT_CHECK_S = 1.0
 _RUNTIME_MODULE = "adpredict.serving.runtime"
 
 
-class StartupError(AdpredictError):
-    """The server cannot start: bad options, a port in use, a missing model directory."""
-
-
 def default_workers() -> int:
     """The number of cores this process may use."""
     try:
@@ -120,7 +116,7 @@ class ServerOptions:
     metrics_port: int = DEFAULT_METRICS_PORT  # Prometheus endpoint; 0 disables it
     workers: int = 1  # serving processes sharing the port; 1 = no supervisor
     max_batch_size: int = 1024  # predictions per compute call (1 = every request alone)
-    max_wait_ms: float = 2.0  # longest a queued request waits for company
+    max_wait_ms: float = 0.0  # wait for company while a thread is free (0: continuous batching)
     sla_ms: float = 20.0  # budget of a request that carries no gRPC deadline
     safety_margin_ms: float = 1.0  # compute must be predicted to end this long before a deadline
     queue_limit: int = 8192  # queued predictions per model; beyond it RESOURCE_EXHAUSTED
