@@ -1,6 +1,6 @@
 """Does the micro-batcher earn its keep? Closed-loop gRPC load, batching on vs ``--no-batching``.
 
-    .venv/bin/python benchmarks/bench_batching_quick.py --model-dir MODELS [--duration 15]
+    .venv/bin/python benchmarks/bench_batching_quick.py --model-dir MODELS [--duration 12]
 
 For each K (candidates per request) and mode, one ``adpredict serve --workers 1`` process is
 started pinned to core 0 (``taskset -c 0``); this process, the load generator, pins itself to
@@ -8,7 +8,10 @@ core 1. For each concurrency C, C grpc.aio callers keep one Predict each outstan
 channel (closed loop), cycling through ``--pool`` distinct pre-built requests
 (``example_request(schema, k, seed=i)``) with a ``--deadline-ms`` gRPC deadline: ``--warmup``
 seconds unrecorded, then ``--duration`` seconds measured. Without ``--model-dir`` a demo model is
-trained first (``synth --rows 200000`` + ``train``, about two minutes).
+trained first (``synth --rows 200000`` + ``train``, about two minutes). Defaults: K = 32, 300;
+C = 1, 2, 4, 8, 32; 3 + 12 s per point; about 5.5 minutes. "on" is the server's default flags
+(plus ``--server-args``), "off" the same with ``--no-batching``. Needs a quiet machine: the
+report flags points during which other jobs used the CPU, and servers that died mid-run.
 
 Measured per point (only RPCs that complete inside the window count)
     req/s, pred/s   OK responses (x K) / window seconds
@@ -263,6 +266,12 @@ async def run_server(
                 row = {"mode": mode, **await run_point(stub, pools[k], k, c, args, server.proc.pid)}
                 rows.append(row)
                 print(format_row(row), flush=True)
+                if server.proc.poll() is not None:  # killed or crashed: its points are void
+                    problem = (f"the K={k} {mode} server exited (status {server.proc.returncode})"
+                               f" during C={c}: rows from then on are void; log: {log}")  # fmt: skip
+                    info.setdefault("problems", []).append(problem)
+                    print(problem, flush=True)
+                    break
     finally:
         server.stop()
     return rows
@@ -336,6 +345,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         "|" + "---|" * len(COLUMNS),
         *(format_row(r) for r in rows),
         "",
+        *(f"**{problem}**\n" for problem in info.get("problems", [])),
         *(
             [
                 "**Warning: other jobs used > 10% of a core during: "
@@ -378,8 +388,10 @@ def main() -> int:
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     p.add_argument("--model-dir", type=Path, help="MODELS dir (default: train a demo model)")
     p.add_argument("--k", type=ints, default=[32, 300], help="candidates per request (32,300)")
-    p.add_argument("--concurrency", type=ints, default=[1, 2, 8, 32], help="C values (1,2,8,32)")
-    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per point")
+    p.add_argument(
+        "--concurrency", type=ints, default=[1, 2, 4, 8, 32], help="C values (1,2,4,8,32)"
+    )
+    p.add_argument("--duration", type=float, default=12.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=3.0, help="unrecorded seconds per point")
     p.add_argument("--deadline-ms", type=float, default=50.0, help="gRPC deadline per request")
     p.add_argument("--pool", type=int, default=200, help="distinct requests per K")

@@ -922,3 +922,35 @@ async def test_with_the_real_monotonic_clock() -> None:
         assert_answer(completed, p)
         assert completed.queue_s >= 0.005 - 1e-6 and completed.compute_s >= 0
     assert far[0].queue_s < 1.0
+
+
+@pytest.mark.asyncio
+async def test_one_slow_batch_does_not_lock_the_batcher_into_refusing_everything() -> None:
+    # Regression: a single slow batch (a CPU stall) made the cost model predict more than any
+    # deadline; every later request was refused at admission, so no batch ever ran again to
+    # correct the estimate. An idle batcher now admits, measures, and recovers.
+    model, clock = FakeModel(gated=True), FakeClock(T0)
+    options = dict(max_batch_size=64, max_wait_s=0.0, cost_window=4, prior_weight=1e-6)
+    async with running(model, clock, **options) as batcher:
+        slow = submit(batcher, payload("slow", 32))
+        await model.wait_entered()
+        clock.advance(0.2)  # the stall
+        model.release()
+        await results(slow)
+        assert batcher.predicted_compute_s(32) > 0.05
+        for i in range(4):
+            task = submit(batcher, payload(f"r{i}", 32), deadline=clock.now() + 0.05)
+            await model.wait_entered()  # admitted and computing, not refused
+            clock.advance(0.001)
+            model.release()
+            (completed,) = await results(task)
+            assert completed.compute_s == pytest.approx(0.001)
+        assert batcher.predicted_compute_s(32) < 0.05  # the estimate recovered
+        # While busy, a hopeless request is still refused at once.
+        busy = submit(batcher, payload("busy", 32))
+        await model.wait_entered()
+        batcher_error = refused(batcher, payload("late", 32), deadline=clock.now() + 1e-6)
+        assert isinstance(batcher_error, DeadlineError)
+        clock.advance(0.001)
+        model.release()
+        await results(busy)

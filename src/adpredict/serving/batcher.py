@@ -36,7 +36,10 @@ Latency bound
     only moves closes earlier; it does not refuse requests). The prediction is
     optimistic (full batches, perfectly shared threads), so only clearly hopeless requests are
     refused; one whose deadline still passes in the queue gets ``DeadlineError`` just before
-    compute and is never computed.
+    compute and is never computed. An idle batcher (nothing queued, nothing computing) judges
+    by the more optimistic of the learned cost and the prior: otherwise one slow batch, which
+    inflates the cost model, could make it refuse everything forever, since no batch would run
+    to correct it.
 
 Full queue
     At most ``queue_limit`` predictions wait (computing ones do not count). A request that would
@@ -516,7 +519,14 @@ class Batcher(Generic[P, R]):
         now = self._clock.now()
         if deadline is not None:
             finish = self._predict_answer_at(size, now)
-            if finish > deadline or deadline <= now:
+            if not self._queue and not self._running:
+                # Idle: judge by the more optimistic of the learned cost and the prior. One
+                # slow batch (a CPU stall) inflates the learned cost; refusing on it would
+                # mean no batch ever runs again to correct it.
+                opts = self._options
+                prior = opts.prior_fixed_s + opts.prior_per_item_s * size
+                finish = min(finish, now + prior)
+            if deadline <= now or finish > deadline:
                 self._notify(self._observer.request_rejected, "deadline", size)
                 raise DeadlineError(
                     f"deadline is {(deadline - now) * 1e3:.3f} ms away but the answer is "
