@@ -102,3 +102,58 @@ def test_label_other_than_0_or_1_fails_without_export(small_data_dir: Path, tmp_
     with pytest.raises(DataError, match="label other than 0 or 1"):
         train(data, tmp_path / "m", TrainConfig(model="lr"), **QUIET)
     assert list_versions(tmp_path / "m") == []
+
+
+def test_feature_admission_maps_rare_values_to_the_missing_bucket(tmp_path: Path) -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from adpredict.model.ctr import CTRModel
+    from adpredict.model.export import export_model, load_signature
+    from adpredict.model.train import admit_frequent_rows
+    from adpredict.schema import Schema
+
+    schema = Schema.from_dict(
+        {
+            "name": "adm",
+            "version": 1,
+            "fields": [
+                {"name": "site", "scope": "context", "kind": "categorical", "buckets": 64},
+                {"name": "ad", "scope": "candidate", "kind": "categorical", "buckets": 64},
+            ],
+        }
+    )
+    model = CTRModel(schema, kind="lr", seed=1)
+    # Distinct linear weights per row, so which row a value reads is visible in the logit.
+    model.table.assign(np.arange(schema.total_buckets, dtype=np.float32)[:, None] / 100)
+    sites = [b"common"] * 5 + [b"rare"]
+    data = [
+        {"site": tf.constant(sites), "ad": tf.constant([b"a"] * 6), "request_index": tf.range(6)}
+    ]
+
+    assert admit_frequent_rows(model, data, 1) == {"min_count": 1, "admitted_rows": 128}
+    report = admit_frequent_rows(model, data, 2)
+    # Admitted: two missing buckets, "common" and the ad "a"; "rare" (seen once) is not.
+    assert report["admitted_rows"] == 4 and report["seen_rows"] == 3
+
+    def logits(m: CTRModel, site: bytes) -> float:
+        feats = {
+            "site": np.array([site], dtype=object),
+            "ad": np.array([b"a"], dtype=object),
+            "request_index": np.array([0], dtype=np.int32),
+        }
+        return float(m(feats)[0])
+
+    assert logits(model, b"rare") == pytest.approx(logits(model, b""))  # the missing bucket
+    assert logits(model, b"common") != pytest.approx(logits(model, b""))
+    # The mask is part of the export: serving maps the rare value the same way.
+    fn, _, _ = load_signature(export_model(model, tmp_path / "m", {}).path)
+    served = {
+        site: float(
+            fn(site=tf.constant([site]), ad=tf.constant([b"a"]), request_index=tf.constant([0]))[
+                "probability"
+            ][0]
+        )
+        for site in (b"rare", b"", b"common")
+    }
+    assert served[b"rare"] == pytest.approx(served[b""]) != pytest.approx(served[b"common"])

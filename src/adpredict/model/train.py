@@ -28,7 +28,9 @@ from adpredict.model.ctr import MODEL_KINDS, CTRModel
 from adpredict.model.export import ExportResult, copy_weights_from_export, export_model
 
 OPTIMIZERS = ("lazyadam", "adam", "adagrad", "ftrl")
-#: Learning rates that work for each optimizer on the built-in data (override with --learning-rate).
+#: Default learning rates (override with --learning-rate). LazyAdam's and Adam's were tuned on
+#: the built-in synthetic data; Adagrad's and FTRL's are untuned starting points (both trailed
+#: Adam there: see docs/BENCHMARKS.md).
 DEFAULT_LEARNING_RATES = {"lazyadam": 0.002, "adam": 0.002, "adagrad": 0.05, "ftrl": 0.05}
 
 
@@ -237,10 +239,11 @@ def train(
         admission = admit_frequent_rows(
             model, dataset(holdout=False, shuffle=False), config.min_count, keep_existing=bool(warm)
         )
-        say(
-            f"feature admission: {admission['admitted_rows']:,} table rows seen >= "
-            f"{config.min_count} times are admitted"
-        )
+        if config.min_count > 1:
+            say(
+                f"feature admission: {admission['admitted_rows']:,} table rows seen >= "
+                f"{config.min_count} times are admitted"
+            )
         if not warm:
             base_rate = _base_rate(dataset(holdout=False, shuffle=False))
             model.bias.assign(math.log(base_rate / (1 - base_rate)))
@@ -328,12 +331,16 @@ def admit_frequent_rows(
 ) -> dict[str, Any]:
     """Admit the table rows that ``dataset`` looks up at least ``min_count`` times.
 
-    A value seen only a handful of times gets a row of pure noise, and many such rows
-    drown real signal (measured: 8 signal-free high-cardinality fields cost an FM 1.5% of
-    log-loss). Rows below the threshold share their field's missing bucket instead, in
-    training and - because the mask is a model variable - in serving. Missing buckets are
-    always admitted; with ``keep_existing`` (warm start) previously admitted rows stay.
+    A value seen only a handful of times gets a row of noise; in a controlled test, 8
+    signal-free high-cardinality fields cost an FM 1.5% of log-loss. Rows below the threshold
+    share their field's missing bucket instead, in training and - because the mask is a model
+    variable - in serving. Missing buckets are always admitted; with ``keep_existing`` (warm
+    start) previously admitted rows stay. On the built-in synthetic data, min_count 10-100
+    made no measurable difference to DeepFM, hence the default of 1, which admits every row
+    and skips the counting pass over the data.
     """
+    if min_count <= 1:
+        return {"min_count": min_count, "admitted_rows": int(model.admitted.numpy().sum())}
     counts = count_rows(model, dataset)
     admitted = counts >= min_count
     for offset in model.schema.offsets().values():
