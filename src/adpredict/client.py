@@ -22,10 +22,11 @@ This module does not import TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -248,8 +249,19 @@ def _raise_from(error: grpc.RpcError) -> AdpredictError:
     return error_for_status(code, details or "")
 
 
-class PredictionClient:
-    """Blocking client on one channel; thread-safe. ``timeout_s`` is the default deadline."""
+@contextlib.contextmanager
+def _server_errors() -> Iterator[None]:
+    """Re-raise a failed RPC as the ``adpredict.errors`` class its status code stands for."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise _raise_from(exc) from exc
+
+
+class _Client:
+    """What both clients share: the target, the default deadline and the stub."""
+
+    _open_channel: Callable[..., Any]
 
     def __init__(
         self,
@@ -260,11 +272,17 @@ class PredictionClient:
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target, options=list(options))
+        self._channel = type(self)._open_channel(target, options=list(options))
         self._stub = pb_grpc.PredictionServiceStub(self._channel)
 
     def _timeout(self, timeout_s: float | None) -> float:
         return self.timeout_s if timeout_s is None else timeout_s
+
+
+class PredictionClient(_Client):
+    """Blocking client on one channel; thread-safe. ``timeout_s`` is the default deadline."""
+
+    _open_channel = staticmethod(grpc.insecure_channel)
 
     def predict(
         self,
@@ -283,21 +301,16 @@ class PredictionClient:
         self, request: pb.PredictRequest, *, timeout_s: float | None = None
     ) -> PredictResult:
         """Send a pre-built request."""
-        try:
+        with _server_errors():
             response = self._stub.Predict(request, timeout=self._timeout(timeout_s))
-        except grpc.RpcError as exc:
-            raise _raise_from(exc) from exc
         return PredictResult.from_proto(response)
 
     def metadata(self, model: str = "", *, timeout_s: float | None = None) -> ModelInfo:
         """The schema, version, metrics and limits of ``model`` ("" = the default model)."""
-        try:
+        with _server_errors():
             response = self._stub.GetModelMetadata(
-                pb.GetModelMetadataRequest(model=model),
-                timeout=self._timeout(timeout_s),
+                pb.GetModelMetadataRequest(model=model), timeout=self._timeout(timeout_s)
             )
-        except grpc.RpcError as exc:
-            raise _raise_from(exc) from exc
         return ModelInfo.from_proto(response)
 
     def close(self) -> None:
@@ -310,23 +323,10 @@ class PredictionClient:
         self.close()
 
 
-class AsyncPredictionClient:
+class AsyncPredictionClient(_Client):
     """``PredictionClient`` on ``grpc.aio``: create and use it inside one event loop."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.target = target
-        self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target, options=list(options))
-        self._stub = pb_grpc.PredictionServiceStub(self._channel)
-
-    def _timeout(self, timeout_s: float | None) -> float:
-        return self.timeout_s if timeout_s is None else timeout_s
+    _open_channel = staticmethod(grpc.aio.insecure_channel)
 
     async def predict(
         self,
@@ -343,20 +343,15 @@ class AsyncPredictionClient:
     async def predict_request(
         self, request: pb.PredictRequest, *, timeout_s: float | None = None
     ) -> PredictResult:
-        try:
+        with _server_errors():
             response = await self._stub.Predict(request, timeout=self._timeout(timeout_s))
-        except grpc.RpcError as exc:
-            raise _raise_from(exc) from exc
         return PredictResult.from_proto(response)
 
     async def metadata(self, model: str = "", *, timeout_s: float | None = None) -> ModelInfo:
-        try:
+        with _server_errors():
             response = await self._stub.GetModelMetadata(
-                pb.GetModelMetadataRequest(model=model),
-                timeout=self._timeout(timeout_s),
+                pb.GetModelMetadataRequest(model=model), timeout=self._timeout(timeout_s)
             )
-        except grpc.RpcError as exc:
-            raise _raise_from(exc) from exc
         return ModelInfo.from_proto(response)
 
     async def close(self) -> None:

@@ -204,9 +204,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             self._done("Predict", model_name, grpc.StatusCode.CANCELLED, started)
             raise
         except Exception as exc:
-            code, details = status.status_for(exc)
-            self._done("Predict", model_name, code, started)
-            await context.abort(code, details)
+            await self._abort(context, exc, "Predict", model_name, started)
         self._done("Predict", model_name, grpc.StatusCode.OK, started)
         return response
 
@@ -220,9 +218,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             model_name = model.name
             response = self._metadata(model)
         except Exception as exc:
-            code, details = status.status_for(exc)
-            self._done("GetModelMetadata", model_name, code, started)
-            await context.abort(code, details)
+            await self._abort(context, exc, "GetModelMetadata", model_name, started)
         self._done("GetModelMetadata", model_name, grpc.StatusCode.OK, started)
         return response
 
@@ -304,6 +300,19 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         probabilities = model.predict(feed)
         version = model.version
         return [SliceResult(p, version) for p in codec.split(probabilities, slices)]
+
+    async def _abort(
+        self,
+        context: grpc.aio.ServicerContext,
+        exc: Exception,
+        method: str,
+        model: str,
+        started: float,
+    ) -> None:
+        """Answer ``exc`` with its status (``status.status_for``), after recording it."""
+        code, details = status.status_for(exc)
+        self._done(method, model, code, started)
+        await context.abort(code, details)
 
     def _done(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
         self._notify(self._observer.request_done, method, model, code, self._clock.now() - started)
