@@ -340,8 +340,8 @@ def make_dataset(
 
     The pipeline runs on its own pool of ``input_threads`` threads (default: a quarter of
     the cores, at least 1) so that it does not compete with the training step for every
-    core: on 2 cores, tf.data's default pool cost training ~40% of its examples/s against
-    in-memory batches, one input thread ~12%.
+    core: on 2 cores, tf.data's default pool cost training 31% of its examples/s against
+    in-memory batches, one input thread 22.5% (``benchmarks/bench_optimizers.py``).
 
     Shards are read in parallel (interleave) in groups of ``GROUP_RECORDS`` records.
     With ``holdout_every = k > 0`` every k-th group of each shard is the held-out split:
