@@ -13,7 +13,7 @@ DEMO_MODEL ?= $(MODELS)/demo
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: help venv run demo-model serve test lint format proto bench clean
+.PHONY: help venv prometheus-tools run demo-model serve test lint format proto bench clean
 
 help:
 	@echo "make run    - set up, train the demo model if $(MODELS)/ has none, serve it on localhost:$(PORT)"
@@ -32,6 +32,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# promtool and a Prometheus server for the metrics and alert-rule tests (Debian's package).
+prometheus-tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "cannot install prometheus (not root, no sudo): its tests will be skipped"; exit 0; fi; \
+		echo "installing Debian's prometheus package (promtool + server, for tests)"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
+
 # Train the demo model only if the model repository has no version of it yet.
 demo-model: $(STAMP)
 	@if ls -d $(DEMO_MODEL)/[0-9]* >/dev/null 2>&1; then \
@@ -46,7 +55,7 @@ run: demo-model
 	@echo "  $(VENV)/bin/adpredict predict --target localhost:$(PORT) --example"
 	$(VENV)/bin/adpredict serve --model-dir $(MODELS) --host 127.0.0.1 --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: $(STAMP)
+test: $(STAMP) prometheus-tools
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q

@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,25 @@ def small_model_root(tmp_path_factory: pytest.TempPathFactory, small_data_dir: P
         log=lambda _: None,
     )
     return root
+
+
+def _prometheus_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed (make test installs Debian's prometheus package)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI runs `make test`, which installs it: missing is a defect
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Path of ``promtool``; skips outside CI if it is missing, fails in CI."""
+    return _prometheus_tool("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> str:
+    """Path of the ``prometheus`` server; skips outside CI if it is missing, fails in CI."""
+    return _prometheus_tool("prometheus")
