@@ -158,6 +158,17 @@ def test_port_in_use_is_a_clear_error(
     )
 
 
+def test_unusable_metrics_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = serve("--model-dir", str(tmp_path), "--port", str(free_port()), "--metrics-port",
+                   str(free_port()), "--workers", "2", "--metrics-dir", f"{blocker}/metrics")  # fmt: skip
+    assert result.returncode == 2
+    assert error_line(result).startswith(
+        f"adpredict serve: error: cannot use metrics dir {blocker}/metrics for worker metrics: "
+    )
+
+
 def test_no_servable_model_stops_the_supervisor(tmp_path: Path) -> None:
     # The runtime's own tests cover the message; here: a worker that cannot start makes the
     # supervisor give up (no restart loop) with the worker's error and status 2.

@@ -255,6 +255,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host or "",
+        metrics_dir=args.metrics_dir or "",
         workers=args.workers,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
@@ -264,6 +266,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         no_batching=args.no_batching,
         max_candidates=args.max_candidates,
         max_message_bytes=args.max_message_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        tls_cert=args.tls_cert or "",
+        tls_key=args.tls_key or "",
+        tls_client_ca=args.tls_client_ca or "",
         poll_interval_s=args.poll_interval_s,
         grace_s=args.grace_s,
         intra_op_threads=args.intra_op_threads,
@@ -274,7 +280,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     def on_ready(info: ReadyInfo) -> None:
         print(info.describe(), flush=True)
-        print(f"try: adpredict predict --target {info.target} --example", flush=True)
+        tls = " --tls-ca CA_FILE" if options.tls_cert else ""
+        if options.tls_client_ca:
+            tls += " --tls-cert CLIENT_CERT --tls-key CLIENT_KEY"
+        print(f"try: adpredict predict --target {info.target}{tls} --example", flush=True)
 
     if options.workers == 1:
         asyncio.run(serve_forever(options, on_ready=on_ready))
@@ -283,14 +292,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from adpredict.client import predict_example
+    from adpredict.client import channel_credentials, predict_example
 
     if not args.example:
         raise AdpredictError(
             "nothing to send: pass --example (a request built from the model's schema)"
         )
+    credentials = None
+    if args.tls_ca or args.client_tls_cert or args.client_tls_key:
+        credentials = channel_credentials(args.tls_ca, args.client_tls_cert, args.client_tls_key)
     result = predict_example(
-        args.target, model=args.model, k=args.k, timeout_s=args.timeout_ms / 1e3
+        args.target,
+        model=args.model,
+        k=args.k,
+        timeout_s=args.timeout_ms / 1e3,
+        credentials=credentials,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -306,7 +322,7 @@ def _add_serve_parsers(sub: Any) -> None:
         "--host",
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; 0.0.0.0 or [::] for all "
-        "interfaces: the service has no TLS or authentication)",
+        "interfaces: without --tls-cert the service has no encryption or authentication)",
     )
     p.add_argument(
         "--port",
@@ -319,6 +335,17 @@ def _add_serve_parsers(sub: Any) -> None:
         type=_port,
         default=DEFAULT_METRICS_PORT,
         help=f"Prometheus metrics port (default {DEFAULT_METRICS_PORT}; 0 = none)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="",
+        help="address of the metrics endpoint (default: the same as --host)",
+    )
+    p.add_argument(
+        "--metrics-dir",
+        default="",
+        help="with --workers > 1: directory the workers write their metrics to, emptied at "
+        "start (default: a private temporary directory)",
     )
     p.add_argument(
         "--workers",
@@ -374,6 +401,20 @@ def _add_serve_parsers(sub: Any) -> None:
         help="gRPC message size limit (default 4 MiB)",
     )
     p.add_argument(
+        "--max-concurrent-rpcs",
+        type=_count(0),
+        default=10_000,
+        help="RPCs in progress at once per worker, beyond which RESOURCE_EXHAUSTED "
+        "(default 10000; 0 = unlimited)",
+    )
+    p.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS only")
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        default="",
+        help="PEM CA bundle: mutual TLS, clients must present a certificate it signed",
+    )
+    p.add_argument(
         "--default-model",
         default=None,
         help="model for requests without a name (default: the only model, else the "
@@ -422,6 +463,23 @@ def _add_serve_parsers(sub: Any) -> None:
         "--example",
         action="store_true",
         help="send a realistic request built from the model's schema",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default="",
+        help="use TLS, trusting this PEM CA bundle (or the system's roots with --tls-cert)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        dest="client_tls_cert",
+        default="",
+        help="PEM client certificate, for a server with mutual TLS (env ADPREDICT_CLIENT_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        dest="client_tls_key",
+        default="",
+        help="PEM private key of the client certificate (env ADPREDICT_CLIENT_TLS_KEY)",
     )
     p.set_defaults(handler=_cmd_predict)
 

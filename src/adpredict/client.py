@@ -7,7 +7,9 @@
         )
         result.probabilities  # one per candidate, in order
 
-``AsyncPredictionClient`` is the same on ``grpc.aio``. Features are given per candidate, as
+``AsyncPredictionClient`` is the same on ``grpc.aio``. For a server with TLS pass
+``credentials=channel_credentials(ca_file, cert_file, key_file)`` (the CA that signed the
+server's certificate; a client certificate and key for mutual TLS). Features are given per candidate, as
 dicts of ``str`` (or ``bytes``, or an ``int``/``float`` for numeric fields); a list value makes
 the field multi-valued. ``build_request`` turns them into the columnar ``PredictRequest`` once,
 so a load generator can pre-build messages and send them with ``predict_request``.
@@ -37,6 +39,7 @@ from adpredict.data import synth
 from adpredict.errors import AdpredictError
 from adpredict.schema import Field, Schema
 from adpredict.serving.status import error_for_status
+from adpredict.serving.tls import channel_credentials
 from adpredict.v1 import prediction_service_pb2 as pb
 from adpredict.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -47,6 +50,7 @@ __all__ = [
     "PredictResult",
     "PredictionClient",
     "build_request",
+    "channel_credentials",
     "example_request",
     "predict_example",
 ]
@@ -259,9 +263,14 @@ def _server_errors() -> Iterator[None]:
 
 
 class _Client:
-    """What both clients share: the target, the default deadline and the stub."""
+    """What both clients share: the target, the default deadline and the stub.
+
+    ``credentials`` (see ``channel_credentials``) makes the channel TLS; without them it is
+    plaintext, which a TLS server refuses.
+    """
 
     _open_channel: Callable[..., Any]
+    _open_secure_channel: Callable[..., Any]
 
     def __init__(
         self,
@@ -269,10 +278,15 @@ class _Client:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = type(self)._open_channel(target, options=list(options))
+        cls = type(self)
+        if credentials is None:
+            self._channel = cls._open_channel(target, options=list(options))
+        else:
+            self._channel = cls._open_secure_channel(target, credentials, options=list(options))
         self._stub = pb_grpc.PredictionServiceStub(self._channel)
 
     def _timeout(self, timeout_s: float | None) -> float:
@@ -283,6 +297,7 @@ class PredictionClient(_Client):
     """Blocking client on one channel; thread-safe. ``timeout_s`` is the default deadline."""
 
     _open_channel = staticmethod(grpc.insecure_channel)
+    _open_secure_channel = staticmethod(grpc.secure_channel)
 
     def predict(
         self,
@@ -327,6 +342,7 @@ class AsyncPredictionClient(_Client):
     """``PredictionClient`` on ``grpc.aio``: create and use it inside one event loop."""
 
     _open_channel = staticmethod(grpc.aio.insecure_channel)
+    _open_secure_channel = staticmethod(grpc.aio.secure_channel)
 
     async def predict(
         self,
@@ -365,11 +381,17 @@ class AsyncPredictionClient(_Client):
 
 
 def predict_example(
-    target: str, model: str = "", k: int = 32, timeout_s: float = 5.0, seed: int = 0
+    target: str,
+    model: str = "",
+    k: int = 32,
+    timeout_s: float = 5.0,
+    seed: int = 0,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> dict[str, Any]:
     """Ask ``target`` for the model's schema, send an ``example_request`` of ``k`` candidates,
     and return a JSON-able summary (what ``adpredict predict --example`` prints)."""
-    with PredictionClient(target, timeout_s=timeout_s) as client:
+    with PredictionClient(target, timeout_s=timeout_s, credentials=credentials) as client:
         info = client.metadata(model)
         example = example_request(info.schema, k=min(k, info.max_candidates or k), seed=seed)
         request_id = f"example-{uuid.uuid4().hex[:12]}"

@@ -3,7 +3,8 @@
     AdpredictError                 base; ``str()`` is a message meant for a person
     ├── SchemaError                a schema file or dict is malformed
     ├── DataError                  a data file, row or directory is unusable
-    ├── ModelError                 a model cannot be trained, exported or loaded
+    ├── ModelError                 a model cannot be trained, exported or loaded, or a
+    │                              served version failed on a batch (INTERNAL)
     │   └── ModelNotFoundError     no such model (or version) under the model dir
     ├── StartupError               the server cannot start (options, port in use, model dir)
     └── RequestError               a prediction request is bad (serving side)
@@ -31,7 +32,8 @@ class DataError(AdpredictError):
 
 
 class ModelError(AdpredictError):
-    """A model cannot be trained, exported or loaded."""
+    """A model cannot be trained, exported or loaded, or a loaded version rejected a batch
+    (a server fault: the requests were validated before they were merged)."""
 
 
 class ModelNotFoundError(ModelError):

@@ -10,7 +10,15 @@ import pytest
 from adpredict.errors import InvalidRequestError, ModelError
 from adpredict.schema import Schema
 from adpredict.serving.batcher import Slice
-from adpredict.serving.codec import REQUEST_INDEX, CodecLimits, ParsedRequest, RequestCodec
+from adpredict.serving.codec import (
+    REQUEST_INDEX,
+    CodecLimits,
+    ParsedRequest,
+    RequestCodec,
+    Undecodable,
+    lenient_parser,
+    require_decoded,
+)
 from adpredict.v1 import prediction_service_pb2 as pb
 
 SCHEMA = Schema.from_dict(
@@ -329,3 +337,19 @@ def test_split_cuts_probabilities_per_slice(codec: RequestCodec) -> None:
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="max_candidates"):
         CodecLimits(max_candidates=0)
+
+
+def test_lenient_parser_turns_undecodable_bytes_into_an_invalid_request() -> None:
+    parse = lenient_parser(pb.PredictRequest)
+    good = request(k=2)
+    assert parse(good.SerializeToString()) == good
+    require_decoded(good)  # a message passes
+    bad_utf8 = good.SerializeToString() + b"\x12\x02\xc3\x28"  # model = invalid UTF-8
+    for raw, reason in ((b"\xff\xff\xff", "Wire format was corrupt"), (bad_utf8, "UTF-8")):
+        undecodable = parse(raw)
+        assert isinstance(undecodable, Undecodable) and undecodable.size == len(raw)
+        with pytest.raises(InvalidRequestError) as info:
+            require_decoded(undecodable)
+        message = str(info.value)
+        assert message.startswith(f"request: the {len(raw)} bytes received are not a valid ")
+        assert "adpredict.v1.PredictRequest" in message and reason in message

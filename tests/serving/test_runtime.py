@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import shutil
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from adpredict.serving.runtime import (
     configure_tf_threads,
     load_version,
     synthetic_feed,
+    valid_model_name,
 )
 
 POLL_S = 0.05
@@ -92,15 +94,23 @@ async def test_multi_valued_field_width_and_request_index_dtype(runtime: ModelRu
 
 
 @pytest.mark.asyncio
-async def test_bad_feed_is_invalid_request(runtime: ModelRuntime) -> None:
+async def test_a_feed_the_model_rejects_is_a_model_error(runtime: ModelRuntime) -> None:
+    """The codec validated every request before the merge, so a rejection here is the server's
+    fault (INTERNAL for that batch), never the callers' (not InvalidRequestError)."""
     model = runtime.get()
     feed = feed_for(runtime)
-    with pytest.raises(InvalidRequestError, match="missing inputs \\['country'\\]"):
+    with pytest.raises(ModelError, match="version 1: feed is missing inputs \\['country'\\]"):
         model.predict({k: v for k, v in feed.items() if k != "country"})
-    with pytest.raises(InvalidRequestError, match="rejected the input"):
+    with pytest.raises(ModelError) as bad_number:
         model.predict(dict(feed, bid_cpm=np.array([b"cheap"] * 40, dtype=object)))
-    with pytest.raises(InvalidRequestError, match="rejected the input"):
+    message = str(bad_number.value)
+    assert not isinstance(bad_number.value, InvalidRequestError)
+    assert message.startswith("model 'small' version 1 failed on a batch of 40 predictions: ")
+    assert "cheap" in message and "{{" not in message and "\n" not in message
+    with pytest.raises(ModelError, match=r"version 1 failed on a batch of 40 predictions: \S"):
         model.predict(dict(feed, request_index=np.full(40, 7, dtype=np.int32)))
+    # The model is unharmed: the next feed is answered.
+    assert model.predict(feed).shape == (40,)
 
 
 @pytest.mark.asyncio
@@ -113,7 +123,29 @@ async def test_loaded_model_is_immutable(runtime: ModelRuntime) -> None:
 async def test_unknown_model_name_lists_known_ones(runtime: ModelRuntime) -> None:
     with pytest.raises(ModelNotFoundError, match=r"'nope'.*known models: small"):
         runtime.get("nope")
+    with pytest.raises(ModelNotFoundError, match=r"'xxxxx.*\.\.\. \(200 characters\).*small"):
+        runtime.get("x" * 200)  # the name is cut, the known models stay in the message
     assert runtime.get("small") is runtime.get("")
+
+
+@pytest.mark.asyncio
+async def test_path_like_model_names_are_invalid_and_never_touch_the_filesystem(
+    runtime: ModelRuntime, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (repo.parent / "outside").mkdir()  # a directory a traversal would reach
+    touched: list[str] = []
+    for name in ("stat", "lstat", "listdir", "scandir", "open"):
+        real = getattr(os, name)
+        monkeypatch.setattr(
+            os, name, lambda *a, _real=real, **k: touched.append(a) or _real(*a, **k)
+        )
+    for bad in ("../outside", "..", ".", "small/1", "small/../small", "/etc", ".tmp-1", "a\\b",
+                "a\x00b", "s" * 256):  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=r"^model: .* is not a model name"):
+            runtime.get(bad)
+    monkeypatch.undo()
+    assert touched == []
+    assert not valid_model_name("") and valid_model_name("small") and valid_model_name("s" * 255)
 
 
 @pytest.mark.asyncio

@@ -140,6 +140,21 @@ def health_status(target: str, service: str = "") -> int:
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
+OK_PREDICTS = 'adpredict_requests_total{code="OK",method="Predict",model="small"}'
+
+
+def scrape(port: int) -> dict[str, float]:
+    """``/metrics`` as {'name{labels}': value}, labels in the exposition's (sorted) order."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, number = line.rpartition(" ")
+            out[key] = float(number)
+    return out
+
+
 def example(client: PredictionClient, k: int = 16) -> pb.PredictRequest:
     schema = client.metadata().schema
     return build_request(*example_request(schema, k=k, seed=1))
@@ -325,9 +340,11 @@ def connections_per_worker(target: str, port: int, pids: list[int], n: int = 16)
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 def test_two_workers_share_a_port_and_a_killed_one_is_restarted(
-    model_dir: Path, servers: list[ServerProcess]
+    model_dir: Path, servers: list[ServerProcess], tmp_path: Path
 ) -> None:
-    server = ServerProcess(model_dir, "--workers", "2", port=free_port())
+    metrics_port, metrics_dir = free_port(), tmp_path / "worker-metrics"
+    server = ServerProcess(model_dir, "--workers", "2", "--metrics-port", str(metrics_port),
+                           "--metrics-dir", str(metrics_dir), port=free_port())  # fmt: skip
     servers.append(server)
     server.wait_ready()
     assert "(2 workers;" in server.output()
@@ -335,6 +352,12 @@ def test_two_workers_share_a_port_and_a_killed_one_is_restarted(
     pids = {i: int(server.wait_for_line(rf"worker {i} ready \(pid (\d+)\)")[1]) for i in (0, 1)}
     shares = connections_per_worker(server.target, server.port, [pids[0], pids[1]])
     assert all(share > 0 for share in shares), shares  # the kernel spreads connections
+    # One scrape of the supervisor shows both workers' requests together.
+    predicts = 16  # connections_per_worker sent one Predict on each of its 16 connections
+    before = scrape(metrics_port)
+    assert before[OK_PREDICTS] == predicts
+    assert before["adpredict_workers"] == 2 and before["adpredict_worker_restarts_total"] == 0
+    assert before["adpredict_models_loaded"] == 1
 
     mark = len(server.lines)
     os.kill(pids[0], signal.SIGKILL)
@@ -349,9 +372,18 @@ def test_two_workers_share_a_port_and_a_killed_one_is_restarted(
     shares = connections_per_worker(server.target, server.port, [new_pid, pids[1]])
     assert all(share > 0 for share in shares), shares  # the new worker answers too
 
+    # The killed worker's requests still count; the restart is counted; gauges are the live
+    # workers' only (the dead one's in-flight/memory files were dropped).
+    after = scrape(metrics_port)
+    assert after[OK_PREDICTS] == predicts + 10 + 16
+    assert after["adpredict_workers"] == 2 and after["adpredict_worker_restarts_total"] == 1
+    assert after['adpredict_in_flight_requests{method="Predict"}'] == 0
+    assert not any(str(pids[0]) in p.name for p in metrics_dir.glob("gauge_live*.db"))
+
     assert server.stop() == 0
     assert not Path(f"/proc/{new_pid}").exists() and not Path(f"/proc/{pids[1]}").exists()
     assert "all workers stopped" in server.output()
+    assert not list(metrics_dir.glob("*.db"))  # the supervisor cleans up after itself
 
 
 def test_options_validation_messages(tmp_path: Path) -> None:

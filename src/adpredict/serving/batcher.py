@@ -465,6 +465,11 @@ class Batcher(Generic[P, R]):
         return self._queued
 
     @property
+    def queued_requests(self) -> int:
+        """Requests (or remainders of split ones) waiting for a batch (gauge)."""
+        return len(self._queue)
+
+    @property
     def in_flight_requests(self) -> int:
         """Requests admitted and not yet answered, queued or computing (gauge)."""
         return len(self._live)

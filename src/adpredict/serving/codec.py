@@ -24,7 +24,7 @@ runtime owns every TF call.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,15 @@ from adpredict.errors import InvalidRequestError, ModelError
 from adpredict.schema import Field, Schema
 from adpredict.serving.batcher import Slice
 
-__all__ = ["REQUEST_INDEX", "CodecLimits", "ParsedRequest", "RequestCodec"]
+__all__ = [
+    "REQUEST_INDEX",
+    "CodecLimits",
+    "ParsedRequest",
+    "RequestCodec",
+    "Undecodable",
+    "lenient_parser",
+    "require_decoded",
+]
 
 #: The signature input mapping candidate rows to requests.
 REQUEST_INDEX = "request_index"
@@ -74,6 +82,47 @@ class ParsedRequest:
     candidates: Mapping[str, np.ndarray]  # every candidate field: [K] or [K, M] object, bytes
     missing: int  # (row, field) cells that were absent or empty, context row included
     fingerprint: str  # of the schema it was validated against
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What ``lenient_parser`` returns for bytes that are not a valid message of its type."""
+
+    message_type: str  # full protobuf name, e.g. "adpredict.v1.PredictRequest"
+    size: int  # bytes received
+    reason: str  # the protobuf parser's message
+
+
+def lenient_parser(message_class: Any) -> Callable[[bytes], Any]:
+    """A gRPC request deserializer that never raises: a message, or ``Undecodable``.
+
+    gRPC answers a deserializer's exception with UNKNOWN, blaming nobody; with this, the
+    servicer can answer INVALID_ARGUMENT instead (``require_decoded``). Garbage bytes and
+    invalid UTF-8 in a ``string`` field (``model``, ``request_id``) are what protobuf refuses.
+    """
+    name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:  # DecodeError, or anything else the C parser raises
+            return Undecodable(name, len(data), str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def require_decoded(request: Any) -> None:
+    """``InvalidRequestError`` (field ``request``) if ``request`` is ``Undecodable``."""
+    if isinstance(request, Undecodable):
+        reason = request.reason.removeprefix(
+            f"Error parsing message with type '{request.message_type}': "
+        )
+        if "UTF-8" in reason:
+            reason += ": string fields (model, request_id) must be UTF-8 text"
+        raise InvalidRequestError(
+            f"request: the {request.size} bytes received are not a valid {request.message_type} "
+            f"message ({reason[:200]})"
+        )
 
 
 def _show(value: bytes | str) -> str:

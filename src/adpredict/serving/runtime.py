@@ -59,6 +59,7 @@ import asyncio
 import gc
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -82,11 +83,16 @@ __all__ = [
     "configure_tf_threads",
     "load_version",
     "synthetic_feed",
+    "valid_model_name",
 ]
 
 logger = logging.getLogger(__name__)
 
 REQUEST_INDEX = "request_index"
+MAX_MODEL_NAME_CHARS = 255  # a model name is one directory entry (NAME_MAX on Linux)
+# Decoration of TensorFlow op errors: "[[{{node x}}]]", "{{function_node f}}", "[Op:f]".
+_TF_NOISE = re.compile(r"\[\[.*?\]\]|\{\{[^}]*\}\}|\[Op:[^\]]*\]")
+_TF_PREAMBLE = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
 #: (requests, candidates) of the warm-up batches, cycled through ``warmup_batches`` times.
 WARMUP_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (1, 32), (4, 128), (16, 1024))
 
@@ -272,14 +278,18 @@ class LoadedModel:
 
         ``feed`` holds one array per schema field (bytes/str objects; ``[R]`` or ``[R, M]`` for
         context fields, ``[B]`` or ``[B, M]`` for candidate fields) and ``request_index`` (int,
-        ``[B]``). A missing or unknown key, or input TensorFlow rejects (a non-numeric string
-        in a numeric field, ``request_index`` out of range), raises ``InvalidRequestError``.
+        ``[B]``). Requests are validated by the codec before they are merged into a feed, so a
+        feed this version cannot take (a missing or unknown key, input TensorFlow rejects such
+        as a malformed number or ``request_index`` out of range) is a server fault: it raises
+        ``ModelError`` (INTERNAL for every request of the batch) naming the model, the version
+        and the first line of TensorFlow's error, and the next batch is unaffected.
         """
         if len(feed) != len(self._order) or not all(k in feed for k in self._order):
             missing = sorted(set(self._order) - set(feed))
             extra = sorted(set(feed) - set(self._order))
-            raise InvalidRequestError(
-                f"model {self.name!r}: feed is missing inputs {missing} / has unknown inputs {extra}"
+            raise ModelError(
+                f"model {self.name!r} version {self.version}: feed is missing inputs {missing} / "
+                f"has unknown inputs {extra}"
             )
         try:
             args = [
@@ -287,11 +297,11 @@ class LoadedModel:
                 for k, dtype in zip(self._order, self._dtypes, strict=True)
             ]
             result = self._call(args)
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
-            detail = getattr(exc, "message", str(exc)).strip().splitlines()
-            reason = next((line for line in detail if line and "Graph execution" not in line), "")
-            raise InvalidRequestError(
-                f"model {self.name!r} version {self.version} rejected the input: {reason}"
+        except (tf.errors.OpError, ValueError, TypeError) as exc:
+            rows = len(feed[REQUEST_INDEX]) if REQUEST_INDEX in feed else "?"
+            raise ModelError(
+                f"model {self.name!r} version {self.version} failed on a batch of {rows} "
+                f"predictions: {_first_line(exc)}"
             ) from None
         return result.numpy()
 
@@ -424,10 +434,35 @@ def _warm_up(model: LoadedModel, batches: int) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    useful = [line for line in lines if "Graph execution error" not in line]
-    return (useful or lines or [type(exc).__name__])[0][:300]
+    """The informative line of an error (for TensorFlow's op errors: the op's own message,
+    without the "Graph execution error" preamble, stack frames and ``[[{{node ...}}]]``)."""
+    text = str(getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+    lines = [_TF_NOISE.sub("", line).strip() for line in text.splitlines()]
+    useful = [
+        line
+        for line, raw in zip(lines, text.splitlines(), strict=True)
+        if line and not raw.startswith((" ", "\t")) and not line.startswith(_TF_PREAMBLE)
+    ]
+    if not useful:
+        return type(exc).__name__
+    return (useful[-1] if isinstance(exc, tf.errors.OpError) else useful[0])[:300]
+
+
+def valid_model_name(name: str) -> bool:
+    """Whether ``name`` can name a served model: one directory entry under the model dir, never
+    a path (``..``, ``a/b``), a hidden entry or an export in progress (``.tmp-*``)."""
+    return (
+        0 < len(name) <= MAX_MODEL_NAME_CHARS
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+    )
+
+
+def _shown(name: str) -> str:
+    """A bounded repr of a caller-given name for messages."""
+    return repr(name) if len(name) <= 60 else f"{name[:60]!r}... ({len(name)} characters)"
 
 
 def _int_versions(name_dir: Path) -> list[int]:
@@ -505,13 +540,23 @@ class ModelRuntime:
         return sorted(self._models)
 
     def get(self, name: str = "") -> LoadedModel:
-        """The served version of ``name`` (``""``: the default model); else ``ModelNotFoundError``."""
+        """The served version of ``name`` (``""``: the default model); else ``ModelNotFoundError``.
+
+        Only a dict lookup: a name never reaches the filesystem. A name that cannot be a model
+        (a path such as ``../x``, see ``valid_model_name``) raises ``InvalidRequestError``.
+        """
         models = self._models
         key = name or self.default_name
         model = models.get(key)
         if model is None:
+            if name and not valid_model_name(name):
+                raise InvalidRequestError(
+                    f"model: {_shown(name)} is not a model name (one directory name under the "
+                    f"model dir: 1-{MAX_MODEL_NAME_CHARS} characters, no '/', '\\' or NUL, "
+                    f"not starting with '.')"
+                )
             known = ", ".join(sorted(models)) or "none loaded"
-            what = f"model {name!r}" if name else "default model"
+            what = f"model {_shown(name)}" if name else "default model"
             raise ModelNotFoundError(f"no {what} is being served (known models: {known})")
         return model
 
@@ -600,7 +645,7 @@ class ModelRuntime:
                 names = sorted(
                     p.name
                     for p in self.model_dir.iterdir()
-                    if not p.name.startswith(".") and p.is_dir()
+                    if valid_model_name(p.name) and p.is_dir()
                 )
             except OSError as exc:
                 self._set_dir_problem(f"cannot read model dir {self.model_dir}: {exc.strerror}")

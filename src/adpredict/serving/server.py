@@ -30,9 +30,12 @@ Several workers (``--workers N``, default the number of cores)
     cannot be shared and is refused with several workers.
 
 Binding
-    ``host`` defaults to loopback (127.0.0.1): the service has no TLS or authentication, so
-    exposing it is a deliberate ``--host 0.0.0.0`` (or ``[::]``) in the deployment, never an
-    accident on a laptop. The metrics endpoint (``metrics_port``, 0 disables it) binds the same
+    ``host`` defaults to loopback (127.0.0.1): without TLS the service has no encryption or
+    authentication, so exposing it is a deliberate ``--host 0.0.0.0`` (or ``[::]``) in the
+    deployment, never an accident on a laptop. ``tls_cert``/``tls_key`` make the gRPC port
+    (Predict, health, reflection) TLS-only; ``tls_client_ca`` adds mutual TLS: clients must
+    present a certificate signed by that CA (see ``adpredict.serving.tls``). The files are
+    checked before TensorFlow loads, and a bad one is a ``StartupError`` naming it. The metrics endpoint (``metrics_port``, 0 disables it) binds the same
     host; it serves ``prometheus_client``'s default registry from the process that owns the
     port (the supervisor, with several workers, until per-worker aggregation exists).
 """
@@ -64,11 +67,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adpredict.errors import AdpredictError, StartupError
+from adpredict.serving import metrics as m
 from adpredict.serving.batcher import BatcherOptions
 from adpredict.serving.service import PredictionServicer
+from adpredict.serving.tls import server_credentials
 from adpredict.v1 import prediction_service_pb2 as pb
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from adpredict.serving.runtime import ModelRuntime
 
 __all__ = [
@@ -114,6 +121,8 @@ class ServerOptions:
     host: str = "127.0.0.1"  # loopback by default: no TLS/auth, so exposure must be deliberate
     port: int = DEFAULT_PORT  # 0: any free port (only with workers == 1)
     metrics_port: int = DEFAULT_METRICS_PORT  # Prometheus endpoint; 0 disables it
+    metrics_host: str = ""  # address of the metrics endpoint; "" = the same as host
+    metrics_dir: str = ""  # where workers write metrics (--workers > 1); "" = a private temp dir
     workers: int = 1  # serving processes sharing the port; 1 = no supervisor
     max_batch_size: int = 1024  # predictions per compute call (1 = every request alone)
     max_wait_ms: float = 0.0  # wait for company while a thread is free (0: continuous batching)
@@ -124,6 +133,13 @@ class ServerOptions:
     no_batching: bool = False  # compute every request alone, whole, in one call
     max_candidates: int = 1024  # candidates per request
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit per message
+    # RPCs (any method, health included) in progress at once; beyond it RESOURCE_EXHAUSTED.
+    # Above what the batcher can hold with the defaults (8192 queued + 1024 computing K=1
+    # requests), so it bounds tasks and memory without refusing work the queue would take.
+    max_concurrent_rpcs: int = 10_000  # 0 = unlimited
+    tls_cert: str = ""  # PEM certificate chain: the gRPC port is TLS-only ("" = plaintext)
+    tls_key: str = ""  # PEM private key of tls_cert (unencrypted)
+    tls_client_ca: str = ""  # PEM CA bundle: clients need a certificate it signed (mTLS)
     poll_interval_s: float = 2.0  # how often the model dir is checked for new versions
     grace_s: float = 5.0  # drain time for in-flight RPCs on shutdown
     intra_op_threads: int = 0  # TensorFlow intra-op pool; 0 = automatic (see tf_threads)
@@ -166,6 +182,7 @@ class ServerOptions:
         integer("compute_threads", 1, 256)
         integer("max_candidates", 1)
         integer("max_message_bytes", 1024)
+        integer("max_concurrent_rpcs", 0)
         integer("intra_op_threads", 0, 1024)
         integer("inter_op_threads", 0, 1024)
         integer("warmup_batches", 1, 100)
@@ -181,8 +198,12 @@ class ServerOptions:
                 f"--workers {self.workers} needs an explicit --port: port 0 (any free port) "
                 f"would give each worker a different port"
             )
-        if self.metrics_port and self.metrics_port == self.port:
+        if self.metrics_port and self.metrics_port == self.port and self.metrics_bind == self.host:
             out.append(f"metrics_port and port are both {self.port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            out.append("tls_cert and tls_key go together: give both (TLS) or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            out.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.queue_limit < self.max_candidates:
             out.append(
                 f"queue_limit ({self.queue_limit}) must be >= max_candidates "
@@ -199,6 +220,11 @@ class ServerOptions:
     def batching(self) -> bool:
         """False with ``no_batching`` or ``max_batch_size == 1``: one compute call per request."""
         return not self.no_batching and self.max_batch_size > 1
+
+    @property
+    def metrics_bind(self) -> str:
+        """The address the metrics endpoint binds: ``metrics_host``, else ``host``."""
+        return self.metrics_host.strip() or self.host
 
     def batcher_options(self) -> BatcherOptions:
         """The ``BatcherOptions`` these options describe."""
@@ -285,14 +311,26 @@ def check_port_free(host: str, port: int, what: str = "gRPC port") -> None:
             ) from None
 
 
-def start_metrics_endpoint(host: str, port: int) -> Callable[[], None] | None:
-    """Serve Prometheus metrics on ``host:port`` (0: none); returns a function that stops it."""
+def tls_credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
+    """The gRPC port's TLS credentials (``None``: plaintext); ``StartupError`` names a bad file."""
+    if not options.tls_cert:
+        return None
+    return server_credentials(options.tls_cert, options.tls_key, options.tls_client_ca or None)
+
+
+def start_metrics_endpoint(
+    host: str, port: int, registry: CollectorRegistry
+) -> Callable[[], None] | None:
+    """Serve ``registry`` on ``http://host:port/metrics`` (port 0: none); returns a function
+    that stops it."""
     if port == 0:
         return None
     import prometheus_client
 
     try:
-        httpd, thread = prometheus_client.start_http_server(port, addr=_bare(host))
+        httpd, thread = prometheus_client.start_http_server(
+            port, addr=_bare(host), registry=registry
+        )
     except OSError as exc:
         reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         raise StartupError(
@@ -347,9 +385,17 @@ class PredictionServer:
     bind the same port (``SO_REUSEPORT``); without it, a taken port is a ``StartupError``.
     """
 
-    def __init__(self, options: ServerOptions, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        options: ServerOptions,
+        *,
+        reuse_port: bool = False,
+        metrics: m.ServingMetrics | None = None,
+    ) -> None:
         self.options = options
         self.reuse_port = reuse_port
+        self.metrics = metrics
+        self._sampler: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.runtime: ModelRuntime | None = None
         self.servicer: PredictionServicer | None = None
@@ -369,6 +415,7 @@ class PredictionServer:
         await self._set_health(False)
         if not opts.model_dir.is_dir():
             raise StartupError(f"model dir {opts.model_dir} does not exist or is not a directory")
+        credentials = tls_credentials(opts)
         if not self.reuse_port:
             check_port_free(opts.host, opts.port)
         # TensorFlow is imported here, by serving processes only (never by the supervisor), and
@@ -383,6 +430,7 @@ class PredictionServer:
             default_model=opts.default_model or None,
             intra_op_threads=intra,
             inter_op_threads=inter,
+            on_event=self.metrics.runtime_event if self.metrics else None,
         )
         await self.runtime.start()
         try:
@@ -391,16 +439,22 @@ class PredictionServer:
                 opts.batcher_options(),
                 sla_s=opts.sla_ms / 1e3,
                 max_candidates=opts.max_candidates,
+                observer=self.metrics.observer if self.metrics else None,
             )
         except ValueError as exc:
             raise StartupError(f"invalid server options: {exc}") from None
         await self.servicer.start()
+        if self.metrics is not None:
+            self._sampler = asyncio.create_task(
+                m.run_sampler(self.metrics, self._levels), name="adpredict-metrics-sampler"
+            )
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", opts.max_message_bytes),
                 ("grpc.max_receive_message_length", opts.max_message_bytes),
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-            ]
+            ],
+            maximum_concurrent_rpcs=opts.max_concurrent_rpcs or None,
         )
         self.servicer.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -413,7 +467,10 @@ class PredictionServer:
             server,
         )
         try:
-            port = server.add_insecure_port(opts.grpc_address())
+            if credentials is None:
+                port = server.add_insecure_port(opts.grpc_address())
+            else:
+                port = server.add_secure_port(opts.grpc_address(), credentials)
         except RuntimeError as exc:
             raise StartupError(
                 f"cannot listen on {opts.grpc_address()} (gRPC port): {exc}"
@@ -434,6 +491,10 @@ class PredictionServer:
         logger.info("serving on %s (health SERVING)", info.address)
         return info
 
+    def _levels(self) -> tuple[ModelRuntime | None, dict[str, Any]]:
+        batchers = dict(self.servicer.batchers()) if self.servicer is not None else {}
+        return self.runtime, batchers
+
     async def drain(self) -> None:
         """NOT_SERVING, refuse new RPCs, finish accepted ones within ``grace_s``, release all."""
         if self._draining:
@@ -452,6 +513,11 @@ class PredictionServer:
             await self.servicer.close(grace)
         if self.runtime is not None:
             await self.runtime.stop()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
 
 
 async def serve_forever(
@@ -480,11 +546,19 @@ async def serve_forever(
         loop.add_signal_handler(signum, on_signal, signum)
     watcher = asyncio.create_task(_watch_parent(stop)) if watch_parent else None
     stop_metrics = None
-    server = PredictionServer(options, reuse_port=reuse_port)
+    sla_s = options.sla_ms / 1e3
+    if reuse_port:  # a supervised worker: the supervisor serves what it writes to files
+        metrics = m.ServingMetrics(None, sla_s=sla_s)
+    else:
+        registry = m.single_process_registry()
+        metrics = m.ServingMetrics(registry, sla_s=sla_s)
+    server = PredictionServer(options, reuse_port=reuse_port, metrics=metrics)
     stopping = asyncio.create_task(stop.wait())
     try:
-        if not reuse_port:  # a supervisor owns the metrics port of its workers
-            stop_metrics = start_metrics_endpoint(options.host, options.metrics_port)
+        if not reuse_port:
+            stop_metrics = start_metrics_endpoint(
+                options.metrics_bind, options.metrics_port, registry
+            )
         starting = asyncio.create_task(server.start())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -599,18 +673,29 @@ class Supervisor:
         self._models: dict[str, int] = {}
         self._default = ""
         self._fatal: str | None = None  # a start-up error that makes restarting pointless
+        self._metrics_dir: Path | None = None  # where workers write metrics (multiprocess mode)
+        self._restarts = 0
 
     def run(self) -> int:
         opts = self.options
         if not opts.model_dir.is_dir():
             raise StartupError(f"model dir {opts.model_dir} does not exist or is not a directory")
+        tls_credentials(opts)  # a bad file is reported now, not by every worker
         check_port_free(opts.host, opts.port)
-        stop_metrics = start_metrics_endpoint(opts.host, opts.metrics_port)
+        stop_metrics = clean_metrics = None
         previous = {
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
         try:
+            if opts.metrics_port:
+                check_port_free(opts.metrics_bind, opts.metrics_port, "metrics port")
+                wanted = Path(opts.metrics_dir) if opts.metrics_dir else None
+                self._metrics_dir, clean_metrics = m.prepare_multiprocess_dir(wanted)
+                registry = m.supervisor_registry(self._metrics_dir, self._topology)
+                stop_metrics = start_metrics_endpoint(
+                    opts.metrics_bind, opts.metrics_port, registry
+                )
             intra, inter = opts.tf_threads()
             logger.info(
                 "starting %d workers on %s (TensorFlow threads per worker: intra %s, inter %s)",
@@ -629,6 +714,13 @@ class Supervisor:
                 self._close_pipe(slot)
             if stop_metrics is not None:
                 stop_metrics()
+            if clean_metrics is not None:
+                clean_metrics()
+
+    def _topology(self) -> tuple[int, int]:
+        """(workers alive, restarts) for the metrics endpoint (called from its thread)."""
+        alive = sum(1 for s in self._slots if s.proc is not None and s.proc.poll() is None)
+        return alive, self._restarts
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self._stop_signal is None:
@@ -646,8 +738,13 @@ class Supervisor:
             str(write_fd),
             self._log_level,
         ]
+        env = dict(os.environ)
+        if self._metrics_dir is not None:
+            env[m.MULTIPROC_ENV] = str(self._metrics_dir)
+        if slot.proc is not None:
+            self._restarts += 1
         try:
-            slot.proc = subprocess.Popen(cmd, pass_fds=(write_fd,))
+            slot.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), env=env)
         finally:
             os.close(write_fd)
         self._close_pipe(slot)
@@ -728,6 +825,8 @@ class Supervisor:
         assert slot.proc is not None
         self._read_ready(timeout_s=0)  # collect a last "error ..." line
         self._close_pipe(slot)
+        if self._metrics_dir is not None:
+            m.mark_worker_dead(self._metrics_dir, slot.proc.pid)
         lived = now - slot.started_at
         if not any(s.ever_ready for s in self._slots):  # it would fail again: give up
             logger.error(

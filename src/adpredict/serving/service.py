@@ -37,7 +37,13 @@ from adpredict.schema import Schema
 from adpredict.serving import status
 from adpredict.serving.batcher import Batcher, BatcherOptions, BatchObserver, Completed, Slice
 from adpredict.serving.clock import Clock, MonotonicClock
-from adpredict.serving.codec import CodecLimits, ParsedRequest, RequestCodec
+from adpredict.serving.codec import (
+    CodecLimits,
+    ParsedRequest,
+    RequestCodec,
+    lenient_parser,
+    require_decoded,
+)
 from adpredict.v1 import prediction_service_pb2 as pb
 from adpredict.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -95,8 +101,16 @@ class ServiceObserver:
         """The observer for the batcher of ``model`` (asked once, when it is created)."""
         return None
 
+    def request_started(self, method: str) -> None:
+        """An RPC began (each is followed by exactly one ``request_done``)."""
+        return None
+
     def request_decoded(self, model: str, candidates: int, missing: int) -> None:
         """A Predict request passed validation; ``missing`` absent or empty feature cells."""
+        return None
+
+    def request_late(self, model: str) -> None:
+        """A Predict answer was computed but ready after its deadline (DEADLINE_EXCEEDED)."""
         return None
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
@@ -144,6 +158,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self._creating = asyncio.Lock()
         self._codecs: dict[int, tuple[Schema, RequestCodec]] = {}
         self._closing = False
+        self._in_flight = 0  # Predict RPCs between arrival and answer
 
     @property
     def limits(self) -> CodecLimits:
@@ -153,8 +168,39 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         """The batcher of every model seen so far (for gauges such as queue length)."""
         return dict(self._batchers)
 
+    @property
+    def in_flight(self) -> int:
+        """Predict RPCs received through the server and not yet answered (gauge)."""
+        return self._in_flight
+
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_PredictionServiceServicer_to_server(self, server)
+        """Register on ``server``, as the generated code would, except that requests are parsed
+        leniently (``codec.lenient_parser``): bytes that are not a valid message are answered
+        INVALID_ARGUMENT by the RPC, instead of gRPC's UNKNOWN from a failing deserializer."""
+        handlers = {
+            "Predict": grpc.unary_unary_rpc_method_handler(
+                self._counted_predict,
+                request_deserializer=lenient_parser(pb.PredictRequest),
+                response_serializer=pb.PredictResponse.SerializeToString,
+            ),
+            "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
+                self.GetModelMetadata,
+                request_deserializer=lenient_parser(pb.GetModelMetadataRequest),
+                response_serializer=pb.GetModelMetadataResponse.SerializeToString,
+            ),
+        }
+        service = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_registered_method_handlers(service, handlers)
+
+    async def _counted_predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        self._in_flight += 1
+        try:
+            return await self.Predict(request, context)
+        finally:
+            self._in_flight -= 1
 
     async def start(self) -> None:
         """Create and start a batcher for every model the runtime serves now."""
@@ -174,10 +220,12 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
         started = self._clock.now()
+        self._notify(self._observer.request_started, "Predict")
         remaining = context.time_remaining()
         deadline = started + (self._sla_s if remaining is None else remaining)
         model_name = ""
         try:
+            require_decoded(request)
             model = self._runtime.get(request.model)
             model_name = model.name
             parsed = self._codec(model.schema).decode(request)
@@ -186,6 +234,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             done: Completed[SliceResult] = await batcher.submit(parsed, parsed.size, deadline)
             now = self._clock.now()
             if now > deadline:
+                self._notify(self._observer.request_late, model_name)
                 raise DeadlineError(
                     f"answer ready {(now - deadline) * 1e3:.3f} ms after the deadline "
                     f"(budget {(deadline - started) * 1e3:.3f} ms)"
@@ -212,8 +261,10 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
         started = self._clock.now()
+        self._notify(self._observer.request_started, "GetModelMetadata")
         model_name = ""
         try:
+            require_decoded(request)
             model = self._runtime.get(request.model)
             model_name = model.name
             response = self._metadata(model)
