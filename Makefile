@@ -71,10 +71,13 @@ format: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src --grpc_python_out=src proto/adpredict/v1/prediction_service.proto
 
-bench: $(STAMP)
+# Short runs of every benchmark (a few minutes in all; *.quick.* results never overwrite the full
+# ones). Full runs and their commands: docs/BENCHMARKS.md.
+bench: demo-model
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_optimizers.py --quick
-	$(PY) benchmarks/bench_batching_quick.py
+	$(PY) benchmarks/bench_model.py --model-dir $(MODELS) --quick
+	$(PY) benchmarks/bench_batching.py --model-dir $(MODELS) --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info src/*.egg-info

@@ -6,6 +6,7 @@
     adpredict info     show a data set or exported model
     adpredict serve    serve the models of a model dir over gRPC
     adpredict predict  send an example request to a running server
+    adpredict loadtest drive a running server with exchange-like traffic, report latency
 
 Every flag can also be given as an environment variable ``ADPREDICT_<FLAG>`` (e.g.
 ``ADPREDICT_PORT=50052``); a flag on the command line wins. Errors a user can cause
@@ -484,6 +485,26 @@ def _add_serve_parsers(sub: Any) -> None:
     p.set_defaults(handler=_cmd_predict)
 
 
+# ---- loadtest ----------------------------------------------------------------------------
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from adpredict.loadtest import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_loadtest_parser(sub: Any) -> None:
+    from adpredict.loadtest import add_arguments
+
+    p = sub.add_parser(
+        "loadtest",
+        help="drive a running server with exchange-like traffic and report latency",
+        description="Open-loop (--rate) or closed-loop (--concurrency) Predict traffic built "
+        "from the model's schema; see the docstring of adpredict.loadtest.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=_cmd_loadtest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _EnvDefaults(prog="adpredict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"adpredict {__version__}")
@@ -564,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_info)
 
     _add_serve_parsers(sub)
+    _add_loadtest_parser(sub)
     return parser
 
 
