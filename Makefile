@@ -78,6 +78,8 @@ bench: demo-model
 	$(PY) benchmarks/bench_optimizers.py --quick
 	$(PY) benchmarks/bench_model.py --model-dir $(MODELS) --quick
 	$(PY) benchmarks/bench_batching.py --model-dir $(MODELS) --quick
+	$(PY) benchmarks/bench_overload.py --model-dir $(MODELS) --quick
+	$(PY) benchmarks/bench_soak.py --model-dir $(MODELS) --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info src/*.egg-info

@@ -177,6 +177,65 @@ def test_samples_merge_exactly_across_processes() -> None:
     assert merged["latency_ms"]["max"] == pytest.approx(1000.0)
 
 
+def test_schedule_parses_phases_and_names_what_is_wrong() -> None:
+    assert loadtest.parse_schedule("10:500, 60:2000,2.5:1") == (
+        (10.0, 500.0),
+        (60.0, 2000.0),
+        (2.5, 1.0),
+    )
+    for bad in ("", "10", "10:0", "0:5", "a:b", "10:5:1", "10:inf"):
+        with pytest.raises(ValueError, match="SECONDS"):
+            loadtest.parse_schedule(bad)
+    options = LoadTestOptions(schedule=((2.0, 100.0), (3.0, 400.0)), warmup_s=1.0)
+    assert options.problems() == [] and options.mode == "open"
+    assert options.recorded_s == 5.0 and options.offered_rps == pytest.approx(280.0)
+    assert options.segments() == ((1.0, 100.0), (2.0, 100.0), (3.0, 400.0))  # warm-up at R1
+    text = " ".join(LoadTestOptions(rate=5, schedule=((1.0, 5.0),), duration_s=3).problems())
+    assert "exactly one of --rate" in text and "--duration cannot be combined" in text
+
+
+def test_piecewise_poisson_arrivals_follow_each_phase_and_end() -> None:
+    rng = np.random.default_rng(4)
+    t = np.array(list(loadtest.piecewise_poisson_arrivals(((1.0, 3000.0), (2.0, 200.0)), rng)))
+    assert np.all(np.diff(t) > 0) and t[0] >= 0 and t[-1] < 3.0
+    # Poisson counts: mean and variance 3000 and 400; 5 standard deviations either way.
+    assert abs(np.sum(t < 1.0) - 3000) < 5 * 3000**0.5
+    assert abs(np.sum(t >= 1.0) - 400) < 5 * 400**0.5
+
+
+def _samples(offset: list[float], latency: list[float], code: list[str]) -> Samples:
+    n = len(offset)
+    return Samples(offset_s=np.array(offset), latency_s=np.array(latency),
+                   code=np.array([CODES[c] for c in code], np.int16), k=np.ones(n, np.int32),
+                   lag_s=np.zeros(n), batch_requests=np.ones(n, np.int32),
+                   proc=np.zeros(n, np.int16))  # fmt: skip
+
+
+def test_latency_by_code_windows_and_phases() -> None:
+    # Recording starts at 1.0 s. Window [0, 0.5): 99 fast OK + 1 refusal -> p99 with failures
+    # as misses is still the OK latency; window [0.5, 1.0): 2 OK + 2 refusals -> inf.
+    offsets = [1.0 + i / 1000 for i in range(100)] + [1.6, 1.7, 1.8, 1.9]
+    latencies = [0.002] * 99 + [0.0005, 0.004, 0.030, 0.001, 0.0007]
+    codes = ["OK"] * 99 + ["RESOURCE_EXHAUSTED", "OK", "OK", "DEADLINE_EXCEEDED",
+                           "RESOURCE_EXHAUSTED"]  # fmt: skip
+    s = _samples(offsets, latencies, codes)
+    by_code = loadtest.summarize(s, 1.0)["latency_by_code_ms"]
+    assert set(by_code) == {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    assert by_code["RESOURCE_EXHAUSTED"]["p50"] == pytest.approx(0.5)
+    assert by_code["RESOURCE_EXHAUSTED"]["max"] == pytest.approx(0.7)
+    assert by_code["DEADLINE_EXCEEDED"]["p99"] == pytest.approx(1.0)
+    assert by_code["OK"]["max"] == pytest.approx(30.0)
+    rows = loadtest.timeline(s, warmup_s=1.0, bin_s=0.5)
+    assert [r["requests"] for r in rows] == [100, 4]
+    assert rows[0]["p99_failures_as_misses"] == pytest.approx(2.0)
+    assert rows[1]["p99_failures_as_misses"] == np.inf and rows[1]["p99"] == pytest.approx(30.0)
+    phases = loadtest.phase_summaries(s, 1.0, ((0.5, 200.0), (0.5, 8.0)))
+    assert [p["start_s"] for p in phases] == [0.0, 0.5]
+    assert [p["summary"]["requests"] for p in phases] == [100, 4]
+    assert phases[1]["summary"]["ok_rps"] == pytest.approx(2 / 0.5)
+    assert loadtest.phase_summaries(s, 1.0, ()) == []
+
+
 SCRAPE_BEFORE = """\
 # TYPE adpredict_compute_calls_total counter
 adpredict_compute_calls_total{model="m",reason="full"} 2
@@ -351,6 +410,23 @@ def test_open_loop_run_writes_json_and_png(
     else:
         assert f"server metrics: unavailable ({srv['reason']})" in captured.out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_schedule_run_changes_rate_without_a_pause(server: Server) -> None:
+    options = LoadTestOptions(target=server.target, schedule=((1.0, 40.0), (1.0, 250.0)),
+                              warmup_s=0.3, candidates="8", deadline_ms=2000, pool=16,
+                              metrics_url="")  # fmt: skip
+    before = time.monotonic()
+    report, samples = loadtest.run(options, progress=None)
+    _check_sane(report)
+    assert before < report["start_monotonic_s"] < time.monotonic()
+    assert report["schedule"] == [{"seconds": 1.0, "rate": 40.0}, {"seconds": 1.0, "rate": 250.0}]
+    assert report["summary"]["window_s"] == 2.0 and report["offered_rps"] == pytest.approx(145.0)
+    first, second = (p["summary"] for p in report["phases"])
+    assert first["requests"] + second["requests"] == report["summary"]["requests"]
+    assert 10 <= first["requests"] <= 80 and 170 <= second["requests"] <= 340  # Poisson 40, 250
+    assert samples.offset_s.min() >= 0.3 and samples.offset_s.max() < 2.3
+    assert "phase 2 (1 s at 250 req/s from 1 s)" in loadtest.format_report(report)
 
 
 def test_closed_loop_two_processes_merge_and_count_errors_by_code(server: Server) -> None:

@@ -2,6 +2,7 @@
 
     adpredict loadtest --rate 800 --duration 30 --candidates 32 --out r.json --plot r.png
     adpredict loadtest --concurrency 8 --requests 20000 --candidates 1-300 --procs 2 --cpus 1
+    adpredict loadtest --schedule 10:500,60:2000,10:500 --out r.json   # rate phases, open loop
 
 Traffic
     The model's schema comes from the server (``GetModelMetadata``). A pool of ``--pool``
@@ -22,6 +23,10 @@ Modes
     coordinated omission). The deadline also runs from the scheduled arrival, as an exchange's
     would; a request already past it when the generator gets to it is not sent and counts as
     ``EXPIRED_BEFORE_SEND`` (a timeout, and a sign the generator is overloaded).
+    Phases (``--schedule S1:R1,S2:R2,...``): open loop whose Poisson rate is R1 req/s for the
+    first S1 recorded seconds, then R2 for S2 seconds, and so on, with no pause in between (a
+    load step, e.g. an overload and the drop after it); the warm-up runs at R1 and the recorded
+    window is the sum of the phases. The report summarises each phase on its own as well.
     Closed loop (``--concurrency C``): C requests outstanding at all times, latency from send.
 
 Processes
@@ -44,13 +49,19 @@ Report
     Achieved rate (answers/s), OK predictions/s, latency percentiles of OK answers (p50, p90,
     p99, p99.9, max; nearest rank) and ``p99 with failures as misses`` (failures counted as
     infinitely slow: at most 1% of requests may fail or be slower), errors by status code, and
-    the timeout rate. Server figures come from the server's Prometheus page (``--metrics-url``,
-    names from docs/METRICS.md) scraped when recording starts and after the last answer:
+    the timeout rate; latency percentiles of every status code (``latency_by_code_ms``: how fast
+    refusals come back), and a per-second timeline (``timeline(samples, warmup_s, bin_s)`` gives
+    any window, with a per-window p99 counting failures as misses). Server figures come from the
+    server's Prometheus page (``--metrics-url``, names from docs/METRICS.md) scraped when
+    recording starts and after the last answer:
     compute calls (by close reason) per request, mean batch size, CPU-seconds per million
     predictions; if the page is unreachable or lacks the metrics the report says
     ``server metrics: unavailable (reason)``. ``--server-pid`` adds the CPU of that process
-    tree from /proc and its CPU affinity. The responses' ``batch_requests`` give a client-side
-    lower bound of compute calls per request as well (exact unless requests were split).
+    tree from /proc and its CPU affinity. ``start_monotonic_s`` is the ``time.monotonic()``
+    instant of offset 0 (Linux's monotonic clock is system-wide), so a caller sampling the
+    server meanwhile can line its samples up with the requests. The responses'
+    ``batch_requests`` give a client-side lower bound of compute calls per request as well
+    (exact unless requests were split).
 """
 
 from __future__ import annotations
@@ -98,6 +109,9 @@ __all__ = [
     "main",
     "open_loop",
     "options_from_args",
+    "parse_schedule",
+    "phase_summaries",
+    "piecewise_poisson_arrivals",
     "run",
     "scrape_metrics",
     "server_figures",
@@ -185,6 +199,8 @@ class LoadTestOptions:
     target: str = "127.0.0.1:50051"
     model: str = ""  # "" = the server's default model
     rate: float | None = None  # open loop: requests/s over all processes
+    # open loop in phases: (recorded seconds, requests/s) each, back to back; see parse_schedule
+    schedule: tuple[tuple[float, float], ...] = ()
     concurrency: int | None = None  # closed loop: requests outstanding over all processes
     duration_s: float | None = None  # recorded seconds; None = 10, or MAX_DURATION_S with requests
     requests: int | None = None  # recorded requests over all processes
@@ -202,8 +218,19 @@ class LoadTestOptions:
     def problems(self) -> list[str]:
         """Every invalid setting, each naming its flag; empty if the options are usable."""
         out = []
-        if (self.rate is None) == (self.concurrency is None):
-            out.append("give exactly one of --rate (open loop) and --concurrency (closed loop)")
+        if (self.rate is not None) + (self.concurrency is not None) + bool(self.schedule) != 1:
+            out.append(
+                "give exactly one of --rate (open loop), --schedule (open loop in phases) and "
+                "--concurrency (closed loop)"
+            )
+        for seconds, rate in self.schedule:
+            if not (0 < seconds <= 24 * 3600 and 0 < rate < math.inf):
+                out.append(
+                    f"--schedule phases need 0 < seconds <= 86400 and a finite rate > 0 req/s, "
+                    f"got {seconds:g}:{rate:g}"
+                )
+        if self.schedule and self.duration_s is not None:
+            out.append("--duration cannot be combined with --schedule (the phases set the length)")
         if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
             out.append(f"--rate must be a finite number > 0 requests/s, got {self.rate}")
         if self.concurrency is not None and self.concurrency < 1:
@@ -251,11 +278,46 @@ class LoadTestOptions:
         """The recording window's length bound (the hard cap)."""
         if self.duration_s is not None:
             return self.duration_s
+        if self.schedule:
+            return sum(seconds for seconds, _ in self.schedule)
         return MAX_DURATION_S if self.requests is not None else 10.0
 
     @property
     def mode(self) -> str:
-        return "open" if self.rate is not None else "closed"
+        return "open" if self.rate is not None or self.schedule else "closed"
+
+    @property
+    def offered_rps(self) -> float | None:
+        """The open-loop rate, averaged over the phases for a schedule; None in closed loop."""
+        if self.schedule:
+            return sum(s * r for s, r in self.schedule) / self.recorded_s
+        return self.rate
+
+    def segments(self) -> tuple[tuple[float, float], ...]:
+        """Open loop: (seconds, req/s) from offset 0 on, warm-up included (at the first rate)."""
+        if not self.schedule:
+            return ((self.warmup_s + self.recorded_s, self.rate or 0.0),)
+        warmup = ((self.warmup_s, self.schedule[0][1]),) if self.warmup_s > 0 else ()
+        return (*warmup, *self.schedule)
+
+
+def parse_schedule(text: str) -> tuple[tuple[float, float], ...]:
+    """``"10:500,60:2000"`` -> ((10.0, 500.0), (60.0, 2000.0)): SECONDS:RATE phases in order."""
+    phases = []
+    for part in text.replace(" ", "").split(","):
+        try:
+            seconds, rate = (float(v) for v in part.split(":"))
+        except ValueError:
+            raise ValueError(
+                f"expected SECONDS:RATE phases separated by commas (e.g. 10:500,60:2000), "
+                f"got {text!r}"
+            ) from None
+        if not (0 < seconds <= 24 * 3600 and 0 < rate < math.inf):
+            raise ValueError(
+                f"each phase needs 0 < SECONDS <= 86400 and a finite RATE > 0, got {part!r}"
+            )
+        phases.append((seconds, rate))
+    return tuple(phases)
 
 
 def _shares(total: int, parts: int) -> list[int]:
@@ -463,7 +525,10 @@ class LoopBounds:
     quota: int | None  # recorded requests this process may send
     stopping: Callable[[], bool] = lambda: False
     stopped_by: str = "duration"
-    spin_s: float = 0.0  # time spent yielding in a loop just before arrivals (open loop)
+    # CPU the loop's thread spent yielding in a loop just before arrivals (open loop). Thread
+    # CPU time, not wall time: on a busy machine the spin is descheduled, and subtracting its
+    # wall time from the process's CPU would report a busy generator as idle.
+    spin_s: float = 0.0
 
 
 async def open_loop(
@@ -511,11 +576,11 @@ async def open_loop(
         # ms): sleep until SPIN_S before the arrival, then yield in a loop until it is due.
         if due - clock() > SPIN_S:
             await asyncio.sleep(due - clock() - SPIN_S)
-        spin_from = clock()
+        spin_from = time.thread_time()
         await asyncio.sleep(0)  # always yield once, even when late
         while clock() < due:
             await asyncio.sleep(0)
-        bounds.spin_s += clock() - spin_from
+        bounds.spin_s += time.thread_time() - spin_from
         payload, k = next(requests)
         task = asyncio.create_task(one(offset, payload, k))
         tasks.add(task)
@@ -571,6 +636,27 @@ def poisson_arrivals(rate: float, rng: np.random.Generator) -> Iterator[float]:
         at += float(gaps.sum())
 
 
+def piecewise_poisson_arrivals(
+    segments: Sequence[tuple[float, float]], rng: np.random.Generator
+) -> Iterator[float]:
+    """Offsets (s) of a Poisson process whose rate is piecewise constant: ``segments`` are
+    (seconds, events/s) back to back from offset 0; the stream ends with the last segment.
+
+    Each segment restarts the exponential gaps at its start, which is exact for a Poisson process
+    (memoryless), so the number of events in a segment is Poisson(seconds * rate).
+    """
+    begin = 0.0
+    for seconds, rate in segments:
+        end = begin + seconds
+        at = begin
+        while at < end:
+            times = at + np.cumsum(rng.exponential(1.0 / rate, 4096))
+            for t in times[times < end]:
+                yield float(t)
+            at = float(times[-1])
+        begin = end
+
+
 def cycle_pool(pool_payloads: Sequence[bytes], ks: Sequence[int], seed: int) -> Iterator[Any]:
     """The pool forever, each pass in a new random order."""
     rng = np.random.default_rng(seed)
@@ -588,6 +674,7 @@ class _WorkerPlan:
     target: str
     mode: str
     rate: float  # this process's share
+    segments: tuple[tuple[float, float], ...]  # schedule: (seconds, this process's rate share)
     concurrency: int  # this process's share
     quota: int | None
     warmup_s: float
@@ -684,8 +771,11 @@ async def _worker(
         flush_task = asyncio.create_task(flusher())
         try:
             if plan.mode == "open":
-                arrivals = poisson_arrivals(
-                    plan.rate, np.random.default_rng([plan.seed, 99, plan.index])
+                rng = np.random.default_rng([plan.seed, 99, plan.index])
+                arrivals = (
+                    piecewise_poisson_arrivals(plan.segments, rng)
+                    if plan.segments
+                    else poisson_arrivals(plan.rate, rng)
                 )
                 await open_loop(
                     send,
@@ -936,6 +1026,11 @@ def summarize(samples: Samples, window_s: float) -> dict[str, Any]:
         "predictions_per_s": float(samples.k[ok].sum()) / window,
         "mean_k": float(samples.k.mean()) if n else None,
         "latency_ms": _percentiles(samples.latency_s[ok]),
+        # Every outcome's latency, refusals included: how long a caller waited for each answer.
+        "latency_by_code_ms": {
+            CODE_NAMES[c]: _percentiles(samples.latency_s[samples.code == c])
+            for c in sorted(set(samples.code.tolist()))
+        },
         "p99_ms_failures_as_misses": (
             float(np.percentile(as_misses, 99, method="inverted_cdf")) * 1e3 if n else None
         ),
@@ -949,7 +1044,9 @@ def summarize(samples: Samples, window_s: float) -> dict[str, Any]:
 
 
 def timeline(samples: Samples, warmup_s: float, bin_s: float = 1.0) -> list[dict[str, Any]]:
-    """Per ``bin_s`` of send time: requests, OK, errors and OK-latency percentiles (ms)."""
+    """Per ``bin_s`` of send time from ``warmup_s`` on: requests, OK, errors, OK-latency
+    percentiles (ms) and ``p99_failures_as_misses`` (ms; inf if more than 1% failed, None if
+    the bin is empty)."""
     if not len(samples):
         return []
     bins = np.floor((samples.offset_s - warmup_s) / bin_s).astype(np.int64)
@@ -958,6 +1055,7 @@ def timeline(samples: Samples, warmup_s: float, bin_s: float = 1.0) -> list[dict
         sel = bins == b
         ok = sel & (samples.code == OK)
         lat = samples.latency_s[ok]
+        as_misses = np.where(ok[sel], samples.latency_s[sel], np.inf)
         out.append(
             {
                 "t_s": b * bin_s,
@@ -965,8 +1063,39 @@ def timeline(samples: Samples, warmup_s: float, bin_s: float = 1.0) -> list[dict
                 "ok": int(ok.sum()),
                 "errors": int(sel.sum() - ok.sum()),
                 **_percentiles(lat),
+                "p99_failures_as_misses": (
+                    float(np.percentile(as_misses, 99, method="inverted_cdf")) * 1e3
+                    if len(as_misses)
+                    else None
+                ),
             }
         )
+    return out
+
+
+def phase_summaries(
+    samples: Samples, warmup_s: float, schedule: Sequence[tuple[float, float]]
+) -> list[dict[str, Any]]:
+    """``summarize`` of each schedule phase's requests (by send time); [] without a schedule.
+
+    ``start_s`` is the phase's start in recorded seconds (offset minus ``warmup_s``).
+    """
+    out = []
+    begin = 0.0
+    for seconds, rate in schedule:
+        sel = (samples.offset_s >= warmup_s + begin) & (
+            samples.offset_s < warmup_s + begin + seconds
+        )
+        part = Samples(**{n: getattr(samples, n)[sel] for n in Samples.__dataclass_fields__})
+        out.append(
+            {
+                "start_s": begin,
+                "seconds": seconds,
+                "rate": rate,
+                "summary": summarize(part, seconds),
+            }
+        )
+        begin += seconds
     return out
 
 
@@ -1058,6 +1187,7 @@ def run(
             target=options.target,
             mode=options.mode,
             rate=(options.rate or 0.0) / n,
+            segments=(tuple((s, r / n) for s, r in options.segments()) if options.schedule else ()),
             concurrency=concurrency[i],
             quota=quotas[i],
             warmup_s=options.warmup_s,
@@ -1156,6 +1286,7 @@ def run(
         ends = samples.offset_s + samples.latency_s
         window_s = float(ends.max() - options.warmup_s) if len(samples) else 0.0
     report = _report(options, info, pool, samples, window_s, done, stopped_by, command)
+    report["start_monotonic_s"] = start_at.value
     report["server"] = server_figures(before, after, info.model, scrape_reason)
     if options.server_pid is not None and pid_cpu0 is not None and pid_cpu1 is not None:
         cpu = pid_cpu1 - pid_cpu0
@@ -1241,7 +1372,7 @@ def _report(
             )
     if summary["requests"] and (expired := summary["errors_by_code"].get("EXPIRED_BEFORE_SEND")):
         warnings.append(f"{expired} requests expired before the generator could send them")
-    offered = options.rate if options.rate is not None else None
+    offered = options.offered_rps
     if offered and stopped_by == "duration" and summary["achieved_rps"] < 0.95 * offered:
         warnings.append(
             f"sent {summary['achieved_rps']:,.0f} req/s of the {offered:,.0f} offered: the "
@@ -1261,6 +1392,8 @@ def _report(
         },
         "mode": options.mode,
         "offered_rps": offered,
+        "schedule": [{"seconds": s, "rate": r} for s, r in options.schedule] or None,
+        "phases": phase_summaries(samples, options.warmup_s, options.schedule),
         "concurrency": options.concurrency,
         "deadline_ms": options.deadline_ms,
         "pool": pool.describe(),
@@ -1288,11 +1421,14 @@ def format_report(report: dict[str, Any]) -> str:
     """The human-readable final report."""
     s = report["summary"]
     lat = s["latency_ms"]
-    load = (
-        f"open loop, {report['offered_rps']:,.0f} req/s offered"
-        if report["mode"] == "open"
-        else f"closed loop, {report['concurrency']} outstanding"
-    )
+    if report.get("schedule"):
+        load = "open loop in phases, " + ", ".join(
+            f"{p['seconds']:g} s at {p['rate']:,.0f} req/s" for p in report["schedule"]
+        )
+    elif report["mode"] == "open":
+        load = f"open loop, {report['offered_rps']:,.0f} req/s offered"
+    else:
+        load = f"closed loop, {report['concurrency']} outstanding"
     gen = report["generator"]
     lines = [
         f"target {report['target']}  model {report['model']['name']} v{report['model']['version']}"
@@ -1314,6 +1450,20 @@ def format_report(report: dict[str, Any]) -> str:
         + (", ".join(f"{c} {n:,}" for c, n in s["errors_by_code"].items()) or "none"),
         f"timeout rate: {100 * (s['timeout_rate'] or 0):.4f}% ({s['timeouts']:,})",
     ]
+    for code, pct in s.get("latency_by_code_ms", {}).items():
+        if code != "OK":
+            lines.append(
+                f"latency of {code} answers (ms): p50 {_ms(pct['p50'])}  p99 {_ms(pct['p99'])}"
+                f"  max {_ms(pct['max'])}"
+            )
+    for i, phase in enumerate(report.get("phases") or []):
+        ps = phase["summary"]
+        lines.append(
+            f"phase {i + 1} ({phase['seconds']:g} s at {phase['rate']:,.0f} req/s from "
+            f"{phase['start_s']:g} s): {ps['ok_rps']:,.1f} OK/s, OK p99 "
+            f"{_ms(ps['latency_ms']['p99'])} ms, errors "
+            + (", ".join(f"{c} {n:,}" for c, n in ps["errors_by_code"].items()) or "none")
+        )
     srv = report["server"]
     if srv.get("available"):
         reasons = ", ".join(f"{r} {v:,.0f}" for r, v in srv["compute_calls_by_reason"].items() if v)
@@ -1449,6 +1599,13 @@ def _cpus(text: str) -> tuple[int, ...]:
     return tuple(sorted(_cpu_list(text.replace(" ", ""))))
 
 
+def _schedule(text: str) -> tuple[tuple[float, float], ...]:
+    try:
+        return parse_schedule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _candidates(text: str) -> str:
     try:
         CandidateSpec.parse(text)
@@ -1464,6 +1621,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--rate", type=_positive_float, help="open loop: Poisson arrivals, req/s")
+    mode.add_argument(
+        "--schedule",
+        type=_schedule,
+        help="open loop in phases: SECONDS:RATE,... back to back (e.g. 10:500,60:2000,10:500)",
+    )
     mode.add_argument(
         "--concurrency", type=_int_at_least(1), help="closed loop: requests outstanding"
     )
@@ -1518,6 +1680,7 @@ def options_from_args(args: argparse.Namespace) -> LoadTestOptions:
         target=args.target,
         model=args.model,
         rate=args.rate,
+        schedule=args.schedule or (),
         concurrency=args.concurrency,
         duration_s=args.duration,
         requests=args.requests,
