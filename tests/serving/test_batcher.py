@@ -954,3 +954,25 @@ async def test_one_slow_batch_does_not_lock_the_batcher_into_refusing_everything
         clock.advance(0.001)
         model.release()
         await results(busy)
+
+
+@pytest.mark.asyncio
+async def test_check_refuses_as_submit_would_without_queueing() -> None:
+    model, clock, observer = FakeModel(gated=True), FakeClock(T0), RecordingObserver()
+    options = dict(max_batch_size=4, queue_limit=4, max_wait_s=0.0, prior_fixed_s=0.001)
+    async with running(model, clock, observer, **options) as batcher:
+        batcher.check(4, deadline=T0 + 1)  # fits: nothing raised, nothing queued
+        assert batcher.queued_predictions == 0 and batcher.in_flight_requests == 0
+        with pytest.raises(DeadlineError, match="predicted"):
+            batcher.check(1, deadline=T0 + 0.0001)
+        busy = submit(batcher, payload("busy", 4))
+        await model.wait_entered()
+        queued = submit(batcher, payload("queued", 4))
+        assert await pending(queued)
+        with pytest.raises(OverloadedError, match="queue full"):
+            batcher.check(1)
+        assert batcher.queued_predictions == 4  # the checks queued nothing
+        model.open()
+        await results(busy, queued)
+    # Each refusal is reported once, as submit reports it.
+    assert [reason for reason, _ in observer.rejected] == ["deadline", "queue_full"]

@@ -394,6 +394,25 @@ async def test_hopeless_grpc_deadline_is_refused_before_compute(
     assert counting.calls == []
 
 
+async def test_a_refused_request_is_never_decoded(
+    runtime: ModelRuntime, direct: tuple[Any, Schema]
+) -> None:
+    """Admission is judged on ``num_candidates`` before decoding, so a refusal under overload
+    costs no validation: even an invalid request gets the refusal, and no decode happened."""
+    counting, recorder = CountingRuntime(runtime), Recorder()
+    options = BatcherOptions(prior_fixed_s=2.0, max_wait_s=0.0)
+    bad = to_proto(example(direct[1], 2, seed=8))
+    bad.candidates["no_such_field"].values.extend([b"x", b"y"])  # would be INVALID_ARGUMENT
+    async with serving(counting, options, observer=recorder) as (stub, _):
+        error = await rpc_error(stub.Predict(bad, timeout=0.5))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert recorder.decoded == [] and counting.calls == []
+        # With time to spare the same request is decoded, and refused as invalid.
+        error = await rpc_error(stub.Predict(bad, timeout=10))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no_such_field" in error.details()
+
+
 async def test_after_close_predict_is_refused_as_overloaded(
     runtime: ModelRuntime, direct: tuple[Any, Schema]
 ) -> None:

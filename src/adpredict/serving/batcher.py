@@ -504,6 +504,26 @@ class Batcher(Generic[P, R]):
         ``ValueError`` if ``size < 1``, and whatever ``run_batch`` raised for its batch.
         Cancelling the caller withdraws the request.
         """
+        now = self._admit(size, deadline)
+        future: asyncio.Future[Completed[R]] = self._loop.create_future()
+        request = _Request(payload, size, deadline, now, future)
+        future.add_done_callback(lambda _: self._live.discard(request))
+        self._live.add(request)
+        if self._options.batching and self._queued < self._options.max_batch_size:
+            self._head_deadline = _earliest(self._head_deadline, deadline)
+        self._queue.append(request)
+        self._queued += size
+        self._wake.set()
+        return await future
+
+    def check(self, size: int, deadline: float | None = None) -> None:
+        """Raise what ``submit(…, size, deadline)`` would raise at admission, now, without
+        queueing anything: lets a caller refuse a request before doing work for it (decoding).
+        A refusal is reported to the observer, as ``submit`` would report it."""
+        self._admit(size, deadline)
+
+    def _admit(self, size: int, deadline: float | None) -> float:
+        """Admission: the checks ``submit`` documents; returns the clock's ``now``."""
         size = operator.index(size)
         if size < 1:
             raise ValueError(f"size must be >= 1 predictions, got {size!r}")
@@ -537,16 +557,7 @@ class Batcher(Generic[P, R]):
                     f"deadline is {(deadline - now) * 1e3:.3f} ms away but the answer is "
                     f"predicted in {(finish - now) * 1e3:.3f} ms"
                 )
-        future: asyncio.Future[Completed[R]] = self._loop.create_future()
-        request = _Request(payload, size, deadline, now, future)
-        future.add_done_callback(lambda _: self._live.discard(request))
-        self._live.add(request)
-        if self._options.batching and self._queued < self._options.max_batch_size:
-            self._head_deadline = _earliest(self._head_deadline, deadline)
-        self._queue.append(request)
-        self._queued += size
-        self._wake.set()
-        return await future
+        return now
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop admitting, compute what is queued, wait up to ``grace_s``, shut the threads.

@@ -4,11 +4,13 @@ One Predict call:
 
 1. its budget is the gRPC deadline (``context.time_remaining()``), or ``sla_s`` if the caller
    set none, turned into an absolute deadline on the batcher's clock;
-2. the model is resolved (``""`` = the runtime's default) and the request is validated and
-   decoded by that model's ``RequestCodec``: a bad request is answered INVALID_ARGUMENT here and
-   never reaches a batch;
-3. it is submitted to the model's ``Batcher`` (one per model name), which may refuse it at once
-   (queue full, deadline hopeless), merge it with concurrent requests, or split it;
+2. the model is resolved (``""`` = the runtime's default); if the model's ``Batcher`` would
+   refuse ``num_candidates`` predictions now (queue full, deadline hopeless) the request is
+   refused before it is decoded, so refusals stay cheap under overload; then it is validated
+   and decoded by that model's ``RequestCodec``: a bad request is answered INVALID_ARGUMENT here
+   and never reaches a batch;
+3. it is submitted to the batcher (one per model name), which may still refuse it (same
+   checks), merge it with concurrent requests, or split it;
 4. in a compute thread, ``run_batch`` merges the batch's slices into one feed, asks the runtime
    for the model's CURRENT version (so a hot swap takes effect at the next batch), predicts, and
    splits the probabilities back; each slice's result records the version that computed it;
@@ -228,9 +230,13 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             require_decoded(request)
             model = self._runtime.get(request.model)
             model_name = model.name
+            batcher = self._batchers.get(model_name) or await self._batcher(model_name)
+            if 0 < request.num_candidates <= self._limits.max_candidates:
+                # Refuse before decoding (a quarter of a request's Python time) when the queue
+                # is full or the deadline hopeless: under overload, refusals must stay cheap.
+                batcher.check(request.num_candidates, deadline)
             parsed = self._codec(model.schema).decode(request)
             self._notify(self._observer.request_decoded, model_name, parsed.size, parsed.missing)
-            batcher = self._batchers.get(model_name) or await self._batcher(model_name)
             done: Completed[SliceResult] = await batcher.submit(parsed, parsed.size, deadline)
             now = self._clock.now()
             if now > deadline:
