@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ class TrainConfig:
     l2: float = 1e-4  # L2 on the table rows a batch touches, per example
     min_count: int = 1  # feature admission: rows seen fewer times share the missing bucket
     hidden: tuple[int, ...] = (64, 32)
-    holdout_every: int = 10  # every 10th group of 64 records of each shard is held out
+    holdout_every: int = 10  # every 10th block of 64 rows of each shard is held out
     shuffle_buffer: int = 100_000  # records
     seed: int = 0
     init_from: str | None = None
@@ -172,7 +172,10 @@ class Trainer:
         return tuple(out)
 
 
-def _data_errors(files: Sequence[str]) -> Callable[[BaseException], DataError]:
+def _data_errors(info: records.DatasetInfo) -> Callable[[BaseException], DataError]:
+    """Turn a pipeline error into a DataError naming the shard (and row, for labels)."""
+    files = info.files
+
     def convert(exc: BaseException) -> DataError:
         if isinstance(exc, tf.errors.DataLossError):
             bad = records.find_corrupt_shard(files)
@@ -180,7 +183,15 @@ def _data_errors(files: Sequence[str]) -> Callable[[BaseException], DataError]:
             return DataError(f"{where}: corrupt TFRecord data ({exc.message.splitlines()[0]})")
         msg = getattr(exc, "message", str(exc))
         if "label must be 0 or 1" in msg:
+            found = records.find_bad_label(files, info.format_version)
+            if found:
+                path, row, value = found
+                return DataError(f"{path}: row {row} has a label other than 0 or 1 ({value})")
             return DataError(f"a shard has a label other than 0 or 1 ({msg.splitlines()[0]})")
+        if isinstance(exc, tf.errors.InvalidArgumentError):
+            found = records.find_unparseable_shard(files, info.schema, info.format_version)
+            if found:
+                return DataError(f"{found[0]}: malformed records ({found[1]})")
         return DataError(f"cannot read the data: {msg.splitlines()[0]}")
 
     return convert
@@ -215,7 +226,12 @@ def train(
     train_rows = info.rows - sum(
         records.holdout_rows(rows, config.holdout_every) for _, rows in info.shards
     )
-    steps_per_epoch = math.ceil(train_rows / config.batch_size)
+    steps_per_epoch = records.training_batches(
+        [rows for _, rows in info.shards],
+        config.batch_size,
+        config.holdout_every,
+        info.format_version,
+    )
     decay_steps = steps_per_epoch * config.epochs if config.lr_decay else 0
     optimizer = make_optimizer(config.optimizer, config.lr, decay_steps)
     trainer = Trainer(model, optimizer, config.l2)
@@ -230,9 +246,10 @@ def train(
             shuffle_buffer=config.shuffle_buffer if shuffle else 0,
             seed=config.seed,
             with_true_ctr=info.has_true_ctr,
+            format_version=info.format_version,
         )
 
-    to_data_error = _data_errors(files)
+    to_data_error = _data_errors(info)
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     try:
