@@ -289,7 +289,9 @@ def test_edited_metadata_fingerprint_mismatch_is_caught(repo: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_emptied_or_unreadable_dir_keeps_serving(runtime: ModelRuntime, repo: Path) -> None:
+async def test_emptied_or_unreadable_dir_keeps_serving(
+    runtime: ModelRuntime, repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     events: list[RuntimeEvent] = []
     runtime._on_event = events.append
     aside = repo.parent / "aside"
@@ -307,6 +309,9 @@ async def test_emptied_or_unreadable_dir_keeps_serving(runtime: ModelRuntime, re
     await wait_until(lambda: events[-1].kind == "dir_ok")
     assert [e.kind for e in events] == ["dir_problem", "dir_problem", "dir_ok"]
     assert runtime.status()["small"].load_failures == 0
+    # One warning for the episode: "empty" turning into "cannot read" is not a second one.
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "keeping" in r.message]
+    assert len(warnings) == 1, [r.message for r in warnings]
 
 
 @pytest.mark.asyncio

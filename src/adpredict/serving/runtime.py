@@ -759,12 +759,18 @@ class ModelRuntime:
         self._emit(RuntimeEvent("failed", name, version, vdir, reason=reason))
 
     def _set_dir_problem(self, problem: str) -> None:
+        """Warn once when the model dir goes bad and note when it is readable again. A problem
+        whose wording changes while it lasts (a dir caught mid-rename reads as empty, then as
+        missing) is an event again but only an INFO line, not a second warning."""
         if problem == self._dir_problem:
             return
-        self._dir_problem = problem
+        previous, self._dir_problem = self._dir_problem, problem
         if problem:
-            served = ", ".join(f"{n} v{v}" for n, v in sorted(self.versions().items()))
-            logger.warning("%s; keeping loaded models (%s)", problem, served or "none")
+            if previous:
+                logger.info("model dir problem is now: %s", problem)
+            else:
+                served = ", ".join(f"{n} v{v}" for n, v in sorted(self.versions().items()))
+                logger.warning("%s; keeping loaded models (%s)", problem, served or "none")
             self._emit(RuntimeEvent("dir_problem", "", None, self.model_dir, reason=problem))
         else:
             logger.info("model dir %s is readable again", self.model_dir)
