@@ -678,6 +678,35 @@ def report_md(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- main
 
 
+def load_options(server: Server, args: Any, **load: Any) -> LoadTestOptions:
+    """The load test both benchmarks run: ``args``' K, deadline and generator settings against
+    ``server``, plus ``load`` (the rate or schedule, durations)."""
+    return LoadTestOptions(
+        target=server.target,
+        warmup_s=args.warmup,
+        candidates=str(args.k),
+        deadline_ms=args.deadline_ms,
+        procs=args.procs,
+        cpus=tuple(args.client_cpus),
+        pool=args.pool,
+        seed=args.seed,
+        metrics_url=server.metrics_url,
+        server_pid=server.proc.pid,
+        **load,
+    )
+
+
+def run_sampled(
+    options: LoadTestOptions, pool: Any, sampler: ServerSampler
+) -> tuple[dict[str, Any], loadtest.Samples]:
+    """Run the load test while ``sampler`` records the server's RSS and metrics."""
+    sampler.start()
+    try:
+        return loadtest.run(options, pool=pool, progress=sys.stderr)
+    finally:
+        sampler.stop()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(p)
@@ -697,26 +726,11 @@ def main() -> int:
         model = fetch_model_info(server.target, "").model
         max_rate, search = find_max_rate(bench, args)
         low, high = args.recovery_fraction * max_rate, args.factor * max_rate
-        options = LoadTestOptions(
-            target=server.target,
-            schedule=((args.before, low), (args.duration, high), (args.recovery, low)),
-            warmup_s=args.warmup,
-            candidates=str(args.k),
-            deadline_ms=args.deadline_ms,
-            procs=args.procs,
-            cpus=tuple(args.client_cpus),
-            pool=args.pool,
-            seed=args.seed,
-            metrics_url=server.metrics_url,
-            server_pid=server.proc.pid,
-        )
+        schedule = ((args.before, low), (args.duration, high), (args.recovery, low))
+        options = load_options(server, args, schedule=schedule)
         sampler = ServerSampler(server.proc.pid, server.metrics_url, 0.1, 1.0)
-        sampler.start()
-        try:
-            print(f"max rate {max_rate:,.0f} req/s; running {options.schedule}", flush=True)
-            report, samples = loadtest.run(options, pool=bench.pool(args.k), progress=sys.stderr)
-        finally:
-            sampler.stop()
+        print(f"max rate {max_rate:,.0f} req/s; running {options.schedule}", flush=True)
+        report, samples = run_sampled(options, bench.pool(args.k), sampler)
         alive = server.proc.poll() is None
         out: dict[str, Any] = {
             "search": search,

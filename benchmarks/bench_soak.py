@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from adpredict import loadtest
-from adpredict.loadtest import LoadTestOptions
 from bench_batching import Bench, Server
 from bench_overload import (
     ServerSampler,
@@ -46,7 +45,9 @@ from bench_overload import (
     gauge,
     health_status,
     judge,
+    load_options,
     max_rate_source,
+    run_sampled,
     run_with_server,
     write_outputs,
 )
@@ -196,27 +197,10 @@ def main() -> int:
     def body(server: Server, bench: Bench) -> dict[str, Any]:
         max_rate, search = find_max_rate(bench, args)
         rate = args.fraction * max_rate
-        options = LoadTestOptions(
-            target=server.target,
-            rate=rate,
-            duration_s=args.duration,
-            warmup_s=args.warmup,
-            candidates=str(args.k),
-            deadline_ms=args.deadline_ms,
-            procs=args.procs,
-            cpus=tuple(args.client_cpus),
-            pool=args.pool,
-            seed=args.seed,
-            metrics_url=server.metrics_url,
-            server_pid=server.proc.pid,
-        )
+        options = load_options(server, args, rate=rate, duration_s=args.duration)
         sampler = ServerSampler(server.proc.pid, server.metrics_url, 1.0, 5.0)
-        sampler.start()
-        try:
-            print(f"max rate {max_rate:,.0f} req/s; soaking at {rate:,.0f} req/s", flush=True)
-            report, samples = loadtest.run(options, pool=bench.pool(args.k), progress=sys.stderr)
-        finally:
-            sampler.stop()
+        print(f"max rate {max_rate:,.0f} req/s; soaking at {rate:,.0f} req/s", flush=True)
+        report, samples = run_sampled(options, bench.pool(args.k), sampler)
         alive = server.proc.poll() is None
         rows = windows(report, samples, sampler, args)
         t0 = report["start_monotonic_s"] + args.warmup

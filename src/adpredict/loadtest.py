@@ -530,6 +530,18 @@ class LoopBounds:
     # wall time from the process's CPU would report a busy generator as idle.
     spin_s: float = 0.0
 
+    def stop_before(self, offset: float, recorded: int) -> bool:
+        """Whether to send nothing at ``offset``; if so, ``stopped_by`` says why."""
+        if offset >= self.end_s:
+            self.stopped_by = "duration"
+        elif self.quota is not None and recorded >= self.quota:
+            self.stopped_by = "requests"
+        elif self.stopping():
+            self.stopped_by = "interrupt"
+        else:
+            return False
+        return True
+
 
 async def open_loop(
     send: Send,
@@ -562,14 +574,7 @@ async def open_loop(
         recorder.add(offset, clock() - scheduled, code, k, lag, batch_requests)
 
     for offset in arrivals:
-        if offset >= bounds.end_s:
-            bounds.stopped_by = "duration"
-            break
-        if bounds.quota is not None and recorded >= bounds.quota:
-            bounds.stopped_by = "requests"
-            break
-        if bounds.stopping():
-            bounds.stopped_by = "interrupt"
+        if bounds.stop_before(offset, recorded):
             break
         due = start + offset
         # The event loop's timers wake up to 1 ms late (epoll rounds its timeout up to whole
@@ -609,14 +614,7 @@ async def closed_loop(
         while True:
             sent = clock()
             offset = sent - start
-            if offset >= bounds.end_s:
-                bounds.stopped_by = "duration"
-                return
-            if bounds.quota is not None and recorded >= bounds.quota:
-                bounds.stopped_by = "requests"
-                return
-            if bounds.stopping():
-                bounds.stopped_by = "interrupt"
+            if bounds.stop_before(offset, recorded):
                 return
             recorded += offset >= bounds.warmup_s
             payload, k = next(requests)
