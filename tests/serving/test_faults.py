@@ -40,7 +40,7 @@ from adpredict.schema import load_schema
 from adpredict.serving.batcher import BatcherOptions
 from adpredict.serving.runtime import ModelRuntime
 from adpredict.serving.server import PredictionServer, ServerOptions
-from adpredict.serving.service import PredictionServicer, ServiceObserver
+from adpredict.serving.service import ServiceObserver
 from adpredict.v1 import prediction_service_pb2 as pb
 from adpredict.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -282,26 +282,6 @@ def _raise(model: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
     raise RuntimeError("injected fault in compute")
 
 
-@contextlib.asynccontextmanager
-async def serving(
-    runtime: Any, options: BatcherOptions, observer: ServiceObserver | None = None
-) -> AsyncIterator[tuple[str, PredictionServicer]]:
-    """A bare servicer (no health) on 127.0.0.1:<any>, for runtimes wrapped by a test."""
-    servicer = PredictionServicer(
-        runtime, options, sla_s=5.0, max_candidates=512, observer=observer
-    )
-    server = grpc.aio.server()
-    servicer.add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    await servicer.start()
-    try:
-        yield f"127.0.0.1:{port}", servicer
-    finally:
-        await servicer.close(1.0)
-        await server.stop(None)
-
-
 @pytest_asyncio.fixture
 async def runtime(model_dir: Path) -> AsyncIterator[ModelRuntime]:
     rt = ModelRuntime(model_dir, poll_interval_s=3600.0, warmup_batches=1)
@@ -311,14 +291,19 @@ async def runtime(model_dir: Path) -> AsyncIterator[ModelRuntime]:
 
 
 @pytest.mark.asyncio
-async def test_a_fault_in_one_compute_call_fails_only_that_batch(runtime: ModelRuntime) -> None:
+async def test_a_fault_in_one_compute_call_fails_only_that_batch(
+    runtime: ModelRuntime, bare_servicer: Callable[..., Any]
+) -> None:
     per_batch, k = 8, 4
     faulty = FaultyRuntime(runtime)
     faulty.faults = {0: _out_of_range_index, 2: _raise}
     # Batches close only when full: 16 concurrent requests make exactly two batches of 8, and
     # with one compute thread the second is computed right after the first failed.
     options = BatcherOptions(max_batch_size=per_batch * k, max_wait_s=NEVER_S, compute_threads=1)
-    async with serving(faulty, options) as (target, _), grpc.aio.insecure_channel(target) as ch:
+    async with (
+        bare_servicer(faulty, options) as (target, _),
+        grpc.aio.insecure_channel(target) as ch,
+    ):
         stub = pb_grpc.PredictionServiceStub(ch)
         for fault, message in ((0, "failed on a batch of 32 predictions: indices"),
                                (2, "RuntimeError: injected fault in compute")):  # fmt: skip
@@ -340,14 +325,16 @@ async def test_a_fault_in_one_compute_call_fails_only_that_batch(runtime: ModelR
 
 
 @pytest.mark.asyncio
-async def test_thousands_of_clients_giving_up_leave_nothing_behind(runtime: ModelRuntime) -> None:
+async def test_thousands_of_clients_giving_up_leave_nothing_behind(
+    runtime: ModelRuntime, bare_servicer: Callable[..., Any]
+) -> None:
     n, k = 2000, 4
     recorder = Recorder()
     slow = FaultyRuntime(runtime, delay_s=0.04)  # 40 ms per batch of <= 16 requests: 400/s
     options = BatcherOptions(max_batch_size=16 * k, max_wait_s=0.0, compute_threads=1)
     rng = random.Random(6)
     message = request(k)
-    async with serving(slow, options, recorder) as (target, servicer):
+    async with bare_servicer(slow, options, recorder) as (target, servicer):
         channels = [grpc.aio.insecure_channel(target) for _ in range(8)]
         stubs = [pb_grpc.PredictionServiceStub(c) for c in channels]
         for stub in stubs:  # connected before the storm, so the storm reaches the server

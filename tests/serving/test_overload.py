@@ -14,7 +14,6 @@ see each assertion's comment. bench_overload.py measures the figures.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +30,7 @@ from adpredict.client import build_request, example_request
 from adpredict.schema import load_schema
 from adpredict.serving.batcher import BatcherOptions, BatchObserver
 from adpredict.serving.runtime import ModelRuntime
-from adpredict.serving.service import PredictionServicer, ServiceObserver
+from adpredict.serving.service import ServiceObserver
 from adpredict.v1 import prediction_service_pb2_grpc as pb_grpc
 
 SCHEMA = Path(__file__).parents[1] / "fixtures" / "rtb_small.toml"
@@ -110,27 +109,11 @@ async def runtime(small_model_root: Path) -> AsyncIterator[ModelRuntime]:
     await rt.stop()
 
 
-@contextlib.asynccontextmanager
-async def serving(
-    runtime: Any, observer: ServiceObserver
-) -> AsyncIterator[tuple[str, PredictionServicer]]:
-    """The servicer on a grpc.aio server on 127.0.0.1:<any>, server defaults but the sizes."""
-    options = BatcherOptions(
+def overload_options() -> BatcherOptions:
+    """Server defaults but the sizes: PER_BATCH requests per batch, QUEUE_REQUESTS queued."""
+    return BatcherOptions(
         max_batch_size=PER_BATCH * K, max_wait_s=0.0, queue_limit=QUEUE_REQUESTS * K
     )
-    servicer = PredictionServicer(
-        runtime, options, sla_s=LONG_S, max_candidates=K, observer=observer
-    )
-    server = grpc.aio.server()
-    servicer.add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    await servicer.start()
-    try:
-        yield f"127.0.0.1:{port}", servicer
-    finally:
-        await servicer.close(1.0)
-        await server.stop(None)
 
 
 async def wait_until(cond: Callable[[], bool], timeout_s: float) -> None:
@@ -140,10 +123,15 @@ async def wait_until(cond: Callable[[], bool], timeout_s: float) -> None:
 
 
 @pytest.mark.asyncio
-async def test_overload_is_refused_fast_and_the_server_recovers(runtime: ModelRuntime) -> None:
+async def test_overload_is_refused_fast_and_the_server_recovers(
+    runtime: ModelRuntime, bare_servicer: Callable[..., Any]
+) -> None:
     slow, stages = SlowRuntime(runtime), Stages()
     message = build_request(*example_request(load_schema(SCHEMA), k=K, seed=3))
-    async with serving(slow, stages) as (target, servicer):
+    async with bare_servicer(slow, overload_options(), stages, sla_s=LONG_S, max_candidates=K) as (
+        target,
+        servicer,
+    ):
         channels = [grpc.aio.insecure_channel(target) for _ in range(4)]
         stubs = [pb_grpc.PredictionServiceStub(c) for c in channels]
         # Connect every channel and let the batcher learn the 40 ms cost before the storm.
