@@ -13,7 +13,7 @@ DEMO_MODEL ?= $(MODELS)/demo
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: help venv prometheus-tools run demo-model serve test lint format proto bench clean
+.PHONY: help venv native-deps prometheus-tools run demo-model serve test lint format proto bench clean
 
 help:
 	@echo "make run    - set up, train the demo model if $(MODELS)/ has none, serve it on localhost:$(PORT)"
@@ -22,15 +22,26 @@ help:
 	@echo "make proto  - regenerate gRPC code from proto/"
 	@echo "make lint / format / clean"
 
-# The virtualenv is rebuilt only when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The virtualenv is rebuilt only when the package definition or the native intake changes.
+# The native intake (src/adpredict/serving/_intake.cpp, `serve --frontend native`) is built when
+# grpc++ is there (native-deps installs Debian's); without it the package installs without it.
+$(STAMP): pyproject.toml setup.py src/adpredict/serving/_intake.cpp | native-deps
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "adpredict needs Python >= 3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --upgrade pip setuptools 'pybind11>=2.10'
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# grpc++ headers and libraries for the native intake (Debian's packages; needs root or sudo).
+native-deps:
+	@if ! pkg-config --exists grpc++ 2>/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "cannot install grpc++ (not root, no sudo): building without the native intake"; exit 0; fi; \
+		echo "installing Debian's grpc++ (for the native intake)"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends libgrpc++-dev pkg-config g++ >/dev/null; \
+	fi
 
 # promtool and a Prometheus server for the metrics and alert-rule tests (Debian's package).
 prometheus-tools:

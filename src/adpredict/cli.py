@@ -144,6 +144,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dim=args.dim,
         l2=args.l2,
         min_count=args.min_count,
+        shrink=args.shrink,
+        shrink_linear=args.shrink_linear,
         hidden=args.hidden,
         holdout_every=args.holdout_every,
         seed=args.seed,
@@ -268,6 +270,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_candidates=args.max_candidates,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        frontend=args.frontend,
+        admit_within_sla=args.admit_within_sla,
         tls_cert=args.tls_cert or "",
         tls_key=args.tls_key or "",
         tls_client_ca=args.tls_client_ca or "",
@@ -407,6 +411,19 @@ def _add_serve_parsers(sub: Any) -> None:
         default=10_000,
         help="RPCs in progress at once per worker, beyond which RESOURCE_EXHAUSTED "
         "(default 10000; 0 = unlimited)",
+    )
+    p.add_argument(
+        "--admit-within-sla",
+        action="store_true",
+        help="also refuse at once a request whose answer is predicted after --sla-ms, even if "
+        "its deadline is later: under overload, admitted requests stay within the SLA",
+    )
+    p.add_argument(
+        "--frontend",
+        choices=("grpcio", "native"),
+        default="grpcio",
+        help="who receives RPCs: grpcio (grpc.aio on the event loop; default) or native (the "
+        "C++ intake: ~7x cheaper per RPC, refuses overload before Python; no reflection)",
     )
     p.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
@@ -557,6 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="feature admission: values seen fewer times in training share the missing bucket",
+    )
+    p.add_argument(
+        "--shrink",
+        type=float,
+        default=0.0,
+        help="frequency shrinkage: a value seen n times has its factor vector scaled by "
+        "n / (n + SHRINK) (fm, deepfm; 0: off)",
+    )
+    p.add_argument(
+        "--shrink-linear",
+        action="store_true",
+        help="with --shrink, also shrink the linear weights",
     )
     p.add_argument("--hidden", type=_int_list, default=(64, 32), help="MLP widths (deepfm)")
     p.add_argument(

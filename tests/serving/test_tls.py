@@ -90,11 +90,14 @@ class Servers:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def servers(
-    pki: Pki, small_model_root: Path, tmp_path_factory: pytest.TempPathFactory
+    pki: Pki, small_model_root: Path, tmp_path_factory: pytest.TempPathFactory, frontend: str
 ) -> AsyncIterator[Servers]:
+    """A TLS and a mutual-TLS server, for each front end (``frontend``, conftest.py)."""
     root = tmp_path_factory.mktemp("tls") / "models"
     shutil.copytree(small_model_root, root)
-    common = dict(model_dir=root, port=0, metrics_port=0, warmup_batches=1, grace_s=1.0)
+    common = dict(
+        model_dir=root, port=0, metrics_port=0, warmup_batches=1, grace_s=1.0, frontend=frontend
+    )
     tls = PredictionServer(
         ServerOptions(**common, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
     )

@@ -82,6 +82,13 @@ BATCH_REQUEST_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48
 _TIMEOUT_AT_ADMISSION = "rejected_at_admission"
 _TIMEOUT_IN_QUEUE = "expired_in_queue"
 _TIMEOUT_LATE = "late_after_compute"
+_TIMEOUT_IN_INTAKE = "expired_in_intake"
+# Native intake refusal -> (gRPC code, timeout stage or rejection reason).
+_INTAKE = {
+    "refused_overloaded": ("RESOURCE_EXHAUSTED", "intake_full"),
+    "expired_before_pickup": ("DEADLINE_EXCEEDED", _TIMEOUT_IN_INTAKE),
+    "refused_shutting_down": ("UNAVAILABLE", "shutting_down"),
+}
 # ``*_created`` series double the output and no dashboard or alert reads them.
 disable_created_metrics()
 
@@ -361,6 +368,17 @@ class _ServiceMetrics(ServiceObserver):
 
     def request_late(self, model: str) -> None:
         self._m.timeouts.labels(model, _TIMEOUT_LATE).inc()
+
+    def intake_refused(self, method: str, reason: str, count: int) -> None:
+        # The model is unknown here (the request was never parsed): model="".
+        code, kind = _INTAKE[reason]
+        self._m.requests.labels(method, "", code).inc(count)
+        if method != "Predict":
+            return
+        if code == "DEADLINE_EXCEEDED":
+            self._m.timeouts.labels("", kind).inc(count)
+        else:
+            self._m.rejections.labels("", kind).inc(count)
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
         key = (method, model, code)

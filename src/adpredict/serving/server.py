@@ -11,7 +11,8 @@ One serving process
     a port, the kernel hands new connections only to workers that are ready, also while one
     restarts. Health (``grpc.health.v1``, for ``""`` and ``adpredict.v1.PredictionService``) is
     NOT_SERVING until then, SERVING after, and NOT_SERVING again from the start of a drain.
-    Server reflection is on, so ``grpcurl`` works without the proto.
+    Server reflection is on, so ``grpcurl`` works without the proto. ``frontend="native"`` serves
+    the same through the C++ intake (``adpredict.serving.intake``; no reflection there).
 
 Shutdown (SIGTERM or SIGINT)
     Health goes NOT_SERVING, the server stops accepting RPCs (new ones get UNAVAILABLE), RPCs
@@ -105,6 +106,9 @@ _PARENT_CHECK_S = 1.0
 _RUNTIME_MODULE = "adpredict.serving.runtime"
 
 
+FRONTENDS = ("grpcio", "native")
+
+
 def default_workers() -> int:
     """The number of cores this process may use."""
     try:
@@ -127,6 +131,7 @@ class ServerOptions:
     max_batch_size: int = 1024  # predictions per compute call (1 = every request alone)
     max_wait_ms: float = 0.0  # wait for company while a thread is free (0: continuous batching)
     sla_ms: float = 20.0  # budget of a request that carries no gRPC deadline
+    admit_within_sla: bool = False  # refuse requests predicted to answer after sla_ms, too
     safety_margin_ms: float = 1.0  # compute must be predicted to end this long before a deadline
     queue_limit: int = 8192  # queued predictions per model; beyond it RESOURCE_EXHAUSTED
     compute_threads: int = 1  # batches computed at once per model
@@ -137,6 +142,9 @@ class ServerOptions:
     # Above what the batcher can hold with the defaults (8192 queued + 1024 computing K=1
     # requests), so it bounds tasks and memory without refusing work the queue would take.
     max_concurrent_rpcs: int = 10_000  # 0 = unlimited
+    # Who receives RPCs: "grpcio" (grpc.aio on the event loop) or "native" (the C++ intake,
+    # adpredict.serving.intake: no reflection; max_concurrent_rpcs bounds calls held by Python).
+    frontend: str = "grpcio"
     tls_cert: str = ""  # PEM certificate chain: the gRPC port is TLS-only ("" = plaintext)
     tls_key: str = ""  # PEM private key of tls_cert (unencrypted)
     tls_client_ca: str = ""  # PEM CA bundle: clients need a certificate it signed (mTLS)
@@ -200,6 +208,8 @@ class ServerOptions:
             )
         if self.metrics_port and self.metrics_port == self.port and self.metrics_bind == self.host:
             out.append(f"metrics_port and port are both {self.port}")
+        if self.frontend not in FRONTENDS:
+            out.append(f"frontend must be one of {list(FRONTENDS)}, got {self.frontend!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             out.append("tls_cert and tls_key go together: give both (TLS) or neither")
         if self.tls_client_ca and not self.tls_cert:
@@ -401,9 +411,12 @@ class PredictionServer:
         self.servicer: PredictionServicer | None = None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._native: Any = None  # intake.NativeFrontend with frontend="native"
         self._draining = False
 
     async def _set_health(self, serving: bool) -> None:
+        if self._native is not None:
+            self._native.set_serving(serving)
         status = health_pb2.HealthCheckResponse
         value = status.SERVING if serving else status.NOT_SERVING
         for service in ("", SERVICE_NAME):
@@ -416,6 +429,15 @@ class PredictionServer:
         if not opts.model_dir.is_dir():
             raise StartupError(f"model dir {opts.model_dir} does not exist or is not a directory")
         credentials = tls_credentials(opts)
+        if opts.frontend == "native":
+            from adpredict.serving import intake
+
+            if not intake.available():
+                raise StartupError(
+                    f"--frontend native: the native intake is not built into this installation "
+                    f"({intake.unavailable_reason()}); run `make native-deps` and reinstall, or "
+                    f"use --frontend grpcio"
+                )
         if not self.reuse_port:
             check_port_free(opts.host, opts.port)
         # TensorFlow is imported here, by serving processes only (never by the supervisor), and
@@ -438,6 +460,7 @@ class PredictionServer:
                 self.runtime,
                 opts.batcher_options(),
                 sla_s=opts.sla_ms / 1e3,
+                admit_within_sla=opts.admit_within_sla,
                 max_candidates=opts.max_candidates,
                 observer=self.metrics.observer if self.metrics else None,
             )
@@ -448,6 +471,25 @@ class PredictionServer:
             self._sampler = asyncio.create_task(
                 m.run_sampler(self.metrics, self._levels), name="adpredict-metrics-sampler"
             )
+        if opts.frontend == "native":
+            port = await self._start_native()
+        else:
+            port = await self._start_grpcio(credentials)
+        self.port = port
+        await self._set_health(True)
+        info = ReadyInfo(
+            target=opts.client_target(port),
+            address=f"{_bracketed(opts.host)}:{port}",
+            port=port,
+            models=self.runtime.versions(),
+            default_model=self.runtime.default_name,
+        )
+        logger.info("serving on %s (health SERVING)", info.address)
+        return info
+
+    async def _start_grpcio(self, credentials: grpc.ServerCredentials | None) -> int:
+        opts = self.options
+        assert self.servicer is not None
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", opts.max_message_bytes),
@@ -477,19 +519,26 @@ class PredictionServer:
             ) from None
         if port == 0:
             raise StartupError(f"cannot listen on {opts.grpc_address()} (gRPC port)")
-        self.port = port
         self._server = server
         await server.start()
-        await self._set_health(True)
-        info = ReadyInfo(
-            target=opts.client_target(port),
-            address=f"{_bracketed(opts.host)}:{port}",
-            port=port,
-            models=self.runtime.versions(),
-            default_model=self.runtime.default_name,
+        return port
+
+    async def _start_native(self) -> int:
+        from adpredict.serving.intake import NativeFrontend
+
+        opts = self.options
+        assert self.servicer is not None
+        self._native = NativeFrontend(
+            self.servicer,
+            address=opts.grpc_address(),
+            max_pending=opts.max_concurrent_rpcs or 2**31 - 1,
+            max_message_bytes=opts.max_message_bytes,
+            reuse_port=self.reuse_port,
+            tls_cert=opts.tls_cert,
+            tls_key=opts.tls_key,
+            tls_client_ca=opts.tls_client_ca,
         )
-        logger.info("serving on %s (health SERVING)", info.address)
-        return info
+        return await self._native.start()
 
     def _levels(self) -> tuple[ModelRuntime | None, dict[str, Any]]:
         batchers = dict(self.servicer.batchers()) if self.servicer is not None else {}
@@ -502,6 +551,13 @@ class PredictionServer:
         self._draining = True
         grace = self.options.grace_s
         await self.health.enter_graceful_shutdown()
+        if self._native is not None:
+            logger.info(
+                "draining: health NOT_SERVING, finishing in-flight RPCs (grace %.1fs)", grace
+            )
+            started = time.monotonic()
+            await self._native.stop(grace)
+            logger.info("native front end stopped after %.2fs", time.monotonic() - started)
         if self._server is not None:
             logger.info(
                 "draining: health NOT_SERVING, finishing in-flight RPCs (grace %.1fs)", grace

@@ -3,7 +3,8 @@
 One Predict call:
 
 1. its budget is the gRPC deadline (``context.time_remaining()``), or ``sla_s`` if the caller
-   set none, turned into an absolute deadline on the batcher's clock;
+   set none, turned into an absolute deadline on the batcher's clock; admission judges it
+   against that deadline, or, with ``admit_within_sla``, against the SLA if that comes first;
 2. the model is resolved (``""`` = the runtime's default); if the model's ``Batcher`` would
    refuse ``num_candidates`` predictions now (queue full, deadline hopeless) the request is
    refused before it is decoded, so refusals stay cheap under overload; then it is validated
@@ -17,7 +18,10 @@ One Predict call:
 5. if the deadline passed meanwhile the answer is DEADLINE_EXCEEDED (a late bid is worthless),
    else the probabilities, the version and the batcher's queue/compute times are returned.
 
-Every error becomes a status in exactly one place, ``adpredict.serving.status``.
+Every error becomes a status in exactly one place, ``adpredict.serving.status``. The transport
+is not part of this: ``predict_outcome`` / ``metadata_outcome`` return the status and the
+response, and each front end sends them (``Predict`` / ``GetModelMetadata`` here for grpc.aio,
+``adpredict.serving.intake`` for the native one).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from adpredict.serving.codec import (
     CodecLimits,
     ParsedRequest,
     RequestCodec,
+    Undecodable,
     lenient_parser,
     require_decoded,
 )
@@ -50,6 +55,7 @@ from adpredict.v1 import prediction_service_pb2 as pb
 from adpredict.v1 import prediction_service_pb2_grpc as pb_grpc
 
 __all__ = [
+    "Outcome",
     "PredictionServicer",
     "ServiceObserver",
     "SliceResult",
@@ -78,6 +84,15 @@ class Runtime(Protocol):
     def get(self, name: str = "") -> Model: ...
 
     def names(self) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one RPC ended: OK with ``response``, or another code with ``details``."""
+
+    code: grpc.StatusCode
+    details: str
+    response: Any  # the response message when code is OK, else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +130,12 @@ class ServiceObserver:
         """A Predict answer was computed but ready after its deadline (DEADLINE_EXCEEDED)."""
         return None
 
+    def intake_refused(self, method: str, reason: str, count: int) -> None:
+        """The native intake answered ``count`` calls of ``method`` itself, never handing them
+        to the servicer: ``refused_overloaded`` (RESOURCE_EXHAUSTED), ``expired_before_pickup``
+        (DEADLINE_EXCEEDED) or ``refused_shutting_down`` (UNAVAILABLE)."""
+        return None
+
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
         """An RPC ended. ``model`` is the resolved name, ``""`` if it could not be resolved
         (never the caller's raw string: that would let callers create metric labels)."""
@@ -124,7 +145,8 @@ class ServiceObserver:
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
     """Serves Predict and GetModelMetadata from ``runtime`` through one batcher per model.
 
-    ``sla_s`` is the budget of a request that carries no gRPC deadline. ``max_candidates`` and
+    ``sla_s`` is the budget of a request that carries no gRPC deadline; with
+    ``admit_within_sla`` it also caps every request's admission budget (see ``predict_outcome``). ``max_candidates`` and
     ``max_value_bytes`` are the codec limits (``max_candidates`` must fit the batcher's
     ``queue_limit``). Batchers are created at ``start()`` for every model the runtime serves and
     lazily for names that appear later; ``close(grace_s)`` drains them. Use ``add_to_server``
@@ -140,6 +162,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         sla_s: float,
         max_candidates: int,
         max_value_bytes: int = 256,
+        admit_within_sla: bool = False,
         clock: Clock | None = None,
         observer: ServiceObserver | None = None,
     ) -> None:
@@ -154,6 +177,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self._runtime = runtime
         self._options = batcher_options
         self._sla_s = float(sla_s)
+        self._admit_within_sla = bool(admit_within_sla)
         self._clock: Clock = clock if clock is not None else MonotonicClock()
         self._observer = observer if observer is not None else ServiceObserver()
         self._batchers: dict[str, Batcher[ParsedRequest, SliceResult]] = {}
@@ -181,7 +205,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         INVALID_ARGUMENT by the RPC, instead of gRPC's UNKNOWN from a failing deserializer."""
         handlers = {
             "Predict": grpc.unary_unary_rpc_method_handler(
-                self._counted_predict,
+                self.Predict,
                 request_deserializer=lenient_parser(pb.PredictRequest),
                 response_serializer=pb.PredictResponse.SerializeToString,
             ),
@@ -194,15 +218,6 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         service = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         server.add_registered_method_handlers(service, handlers)
-
-    async def _counted_predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PredictResponse:
-        self._in_flight += 1
-        try:
-            return await self.Predict(request, context)
-        finally:
-            self._in_flight -= 1
 
     async def start(self) -> None:
         """Create and start a batcher for every model the runtime serves now."""
@@ -221,10 +236,44 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        started = self._clock.now()
+        outcome = await self.predict_outcome(request, budget_s=context.time_remaining())
+        if outcome.code is not grpc.StatusCode.OK:
+            await context.abort(outcome.code, outcome.details)
+        return outcome.response
+
+    async def predict_outcome(
+        self,
+        request: pb.PredictRequest | Undecodable,
+        *,
+        budget_s: float | None,
+        started: float | None = None,
+    ) -> Outcome:
+        """One Predict, whatever the transport: records it with the observer and returns its
+        status and response (never raises, except ``CancelledError`` when the caller goes).
+
+        ``budget_s`` is the caller's deadline as seconds from ``started`` (when the server
+        received the call; default now), None if it set none (then ``sla_s`` applies).
+        Admission refuses a request whose answer is predicted after its deadline, or, with
+        ``admit_within_sla``, after the SLA if that comes first: under overload, admitted
+        requests then stay within the SLA and the rest are refused at once instead of queueing
+        up to their deadline.
+        """
+        self._in_flight += 1
+        try:
+            return await self._predict(request, budget_s, started)
+        finally:
+            self._in_flight -= 1
+
+    async def _predict(
+        self,
+        request: pb.PredictRequest | Undecodable,
+        budget_s: float | None,
+        started: float | None,
+    ) -> Outcome:
+        started = self._clock.now() if started is None else started
         self._notify(self._observer.request_started, "Predict")
-        remaining = context.time_remaining()
-        deadline = started + (self._sla_s if remaining is None else remaining)
+        deadline = started + (self._sla_s if budget_s is None else budget_s)
+        admit_by = min(deadline, started + self._sla_s) if self._admit_within_sla else deadline
         model_name = ""
         try:
             require_decoded(request)
@@ -233,8 +282,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             batcher = self._batchers.get(model_name) or await self._batcher(model_name)
             if 0 < request.num_candidates <= self._limits.max_candidates:
                 # Refuse before decoding (23% of a request's GIL time, py-spy) when the queue
-                # is full or the deadline hopeless: under overload, refusals must stay cheap.
-                batcher.check(request.num_candidates, deadline)
+                # is full or the answer would come after the deadline or the SLA: under
+                # overload, refusals must stay cheap.
+                batcher.check(request.num_candidates, admit_by)
             parsed = self._codec(model.schema).decode(request)
             self._notify(self._observer.request_decoded, model_name, parsed.size, parsed.missing)
             done: Completed[SliceResult] = await batcher.submit(parsed, parsed.size, deadline)
@@ -259,14 +309,23 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             self._done("Predict", model_name, grpc.StatusCode.CANCELLED, started)
             raise
         except Exception as exc:
-            await self._abort(context, exc, "Predict", model_name, started)
+            return self._failed(exc, "Predict", model_name, started)
         self._done("Predict", model_name, grpc.StatusCode.OK, started)
-        return response
+        return Outcome(grpc.StatusCode.OK, "", response)
 
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
-        started = self._clock.now()
+        outcome = self.metadata_outcome(request)
+        if outcome.code is not grpc.StatusCode.OK:
+            await context.abort(outcome.code, outcome.details)
+        return outcome.response
+
+    def metadata_outcome(
+        self, request: pb.GetModelMetadataRequest | Undecodable, started: float | None = None
+    ) -> Outcome:
+        """One GetModelMetadata, whatever the transport (see ``predict_outcome``)."""
+        started = self._clock.now() if started is None else started
         self._notify(self._observer.request_started, "GetModelMetadata")
         model_name = ""
         try:
@@ -275,9 +334,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             model_name = model.name
             response = self._metadata(model)
         except Exception as exc:
-            await self._abort(context, exc, "GetModelMetadata", model_name, started)
+            return self._failed(exc, "GetModelMetadata", model_name, started)
         self._done("GetModelMetadata", model_name, grpc.StatusCode.OK, started)
-        return response
+        return Outcome(grpc.StatusCode.OK, "", response)
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -358,18 +417,15 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         version = model.version
         return [SliceResult(p, version) for p in codec.split(probabilities, slices)]
 
-    async def _abort(
-        self,
-        context: grpc.aio.ServicerContext,
-        exc: Exception,
-        method: str,
-        model: str,
-        started: float,
-    ) -> None:
-        """Answer ``exc`` with its status (``status.status_for``), after recording it."""
+    def intake_refused(self, method: str, reason: str, count: int) -> None:
+        """Record calls a front end answered without the servicer (``ServiceObserver``)."""
+        self._notify(self._observer.intake_refused, method, reason, count)
+
+    def _failed(self, exc: Exception, method: str, model: str, started: float) -> Outcome:
+        """The outcome for ``exc`` (its status from ``status.status_for``), recorded."""
         code, details = status.status_for(exc)
         self._done(method, model, code, started)
-        await context.abort(code, details)
+        return Outcome(code, details, None)
 
     def _done(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
         self._notify(self._observer.request_done, method, model, code, self._clock.now() - started)

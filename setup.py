@@ -1,0 +1,54 @@
+"""Builds the optional native gRPC intake (``adpredict.serving._intake``).
+
+Everything else about the package is in pyproject.toml. The extension needs grpc++ (Debian:
+``libgrpc++-dev``, found with ``pkg-config grpc++``) and pybind11. Without them the package
+installs without it and ``adpredict serve`` uses the grpc.aio front end; ``make`` installs
+them (``make native-deps``). ``ADPREDICT_NATIVE=0`` skips the build, ``=1`` makes a failed
+build an error.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+
+
+def _pkg_config(*args: str) -> list[str]:
+    out = subprocess.run(["pkg-config", *args, "grpc++"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip() or "pkg-config grpc++ failed")
+    return shlex.split(out.stdout)
+
+
+def native_extensions() -> list[Extension]:
+    wanted = os.environ.get("ADPREDICT_NATIVE", "auto")
+    if wanted == "0":
+        return []
+    try:
+        import pybind11
+
+        cflags = _pkg_config("--cflags")
+        libs = _pkg_config("--libs")
+    except (ImportError, OSError, RuntimeError) as exc:
+        if wanted == "1":
+            raise SystemExit(f"ADPREDICT_NATIVE=1 but the native intake cannot be built: {exc}")
+        print(f"adpredict: building without the native intake ({exc})", file=sys.stderr)
+        return []
+    return [
+        Extension(
+            "adpredict.serving._intake",
+            ["src/adpredict/serving/_intake.cpp"],
+            include_dirs=[pybind11.get_include()],
+            extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", *cflags],
+            extra_link_args=libs,
+            language="c++",
+            optional=wanted != "1",
+        )
+    ]
+
+
+setup(ext_modules=native_extensions())

@@ -1,0 +1,412 @@
+// Native gRPC intake for adpredict (the Python module adpredict.serving._intake).
+//
+// Why: with grpc.aio every RPC costs the single Python event loop ~0.5 ms of CPU before a
+// handler runs (measured on the 2-core development VM: 530 us per echo RPC, against 80 us for
+// this C++ server), so Python's per-RPC cost, not TensorFlow, bounds a one-core server, and under
+// overload requests queue in front of the event loop where no handler can refuse them.
+//
+// What it does: a grpc++ async server (one completion-queue thread, no GIL) receives every RPC
+// as raw bytes. Calls the Python side cannot take are answered here at once:
+//   * unknown method                     -> UNIMPLEMENTED
+//   * shutting down                      -> UNAVAILABLE
+//   * more than max_pending calls waiting for or held by Python -> RESOURCE_EXHAUSTED
+//   * deadline already passed when Python would pick it up      -> DEADLINE_EXCEEDED
+// The rest wait in a FIFO. An eventfd becomes readable when the FIFO becomes non-empty; the
+// Python event loop watches it and takes everything queued in one call (take), so the loop
+// wakes once per burst, not once per RPC. Python answers each call exactly once (finish).
+// Health (grpc.health.v1) is grpc++'s default health service; Python sets its status.
+//
+// This module knows nothing of protobuf messages, models or batching: bytes in, bytes out.
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+double monotonic_now() {  // the clock of Python's time.monotonic()
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<double>(ts.tv_sec) + ts.tv_nsec * 1e-9;
+}
+
+constexpr double kNoDeadline = std::numeric_limits<double>::infinity();
+
+class Intake;
+
+// One RPC. Its address is the completion-queue tag; `id` is what Python holds.
+struct Call {
+  enum class State { kAwaitingCall, kReading, kQueued, kWithPython, kFinishing };
+  grpc::GenericServerContext ctx;
+  grpc::GenericServerAsyncReaderWriter stream{&ctx};
+  grpc::ByteBuffer request;
+  State state = State::kAwaitingCall;
+  uint64_t id = 0;
+  int method = -1;
+  double received_at = 0.0;
+  double deadline = kNoDeadline;  // monotonic seconds
+};
+
+constexpr size_t kMaxMethods = 8;
+
+// Per method index: calls answered here, never seen by Python.
+struct Counters {
+  std::atomic<uint64_t> received{0};
+  std::atomic<uint64_t> unimplemented{0};
+  std::atomic<uint64_t> read_failed{0};
+  std::array<std::atomic<uint64_t>, kMaxMethods> refused_overloaded{};
+  std::array<std::atomic<uint64_t>, kMaxMethods> refused_shutting_down{};
+  std::array<std::atomic<uint64_t>, kMaxMethods> expired_before_pickup{};
+};
+
+py::list per_method(const std::array<std::atomic<uint64_t>, kMaxMethods>& counts, size_t n) {
+  py::list out;
+  for (size_t i = 0; i < n; ++i) out.append(counts[i].load());
+  return out;
+}
+
+class Intake {
+ public:
+  Intake(std::string address, std::vector<std::string> methods, int max_pending,
+         int max_message_bytes, bool reuse_port, std::string tls_cert, std::string tls_key,
+         std::string tls_client_ca, std::vector<std::string> health_services)
+      : address_(std::move(address)),
+        methods_(std::move(methods)),
+        max_pending_(max_pending),
+        max_message_bytes_(max_message_bytes),
+        reuse_port_(reuse_port),
+        tls_cert_(std::move(tls_cert)),
+        tls_key_(std::move(tls_key)),
+        tls_client_ca_(std::move(tls_client_ca)),
+        health_services_(std::move(health_services)) {
+    if (max_pending_ < 1) throw std::invalid_argument("max_pending must be >= 1");
+    if (methods_.empty() || methods_.size() > kMaxMethods)
+      throw std::invalid_argument("between 1 and 8 methods");
+    event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (event_fd_ < 0) throw std::runtime_error("eventfd() failed");
+  }
+
+  ~Intake() {
+    if (server_) {
+      py::gil_scoped_release release;
+      Stop(0.0);
+    }
+    if (event_fd_ >= 0) close(event_fd_);
+  }
+
+  // Binds and starts serving; returns the bound port. Health starts NOT_SERVING.
+  int Start() {
+    if (server_) throw std::runtime_error("intake already started");
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::ServerBuilder builder;
+    std::shared_ptr<grpc::ServerCredentials> creds;
+    if (tls_cert_.empty()) {
+      creds = grpc::InsecureServerCredentials();
+    } else {
+      grpc::SslServerCredentialsOptions ssl(
+          tls_client_ca_.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                 : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+      ssl.pem_root_certs = tls_client_ca_;
+      ssl.pem_key_cert_pairs.push_back({tls_key_, tls_cert_});
+      creds = grpc::SslServerCredentials(ssl);
+    }
+    builder.AddListeningPort(address_, creds, &port_);
+    builder.SetMaxReceiveMessageSize(max_message_bytes_);
+    builder.SetMaxSendMessageSize(max_message_bytes_);
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, reuse_port_ ? 1 : 0);
+    builder.RegisterAsyncGenericService(&service_);
+    cq_ = builder.AddCompletionQueue();
+    server_ = builder.BuildAndStart();
+    if (!server_ || port_ == 0) {
+      server_.reset();
+      cq_.reset();
+      throw std::runtime_error("cannot listen on " + address_);
+    }
+    SetServing(false);
+    RequestNext();
+    thread_ = std::thread([this] { Poll(); });
+    return port_;
+  }
+
+  void SetServing(bool serving) {
+    if (!server_) return;
+    auto* health = server_->GetHealthCheckService();
+    if (health == nullptr) return;
+    for (const auto& name : health_services_) health->SetServingStatus(name, serving);
+  }
+
+  int EventFd() const { return event_fd_; }
+
+  // Everything queued (up to max_items), as (id, method index, payload, received_at, deadline).
+  // A call whose deadline has passed is answered DEADLINE_EXCEEDED here and not returned.
+  py::list Take(int max_items) {
+    std::vector<Call*> taken;
+    std::vector<Call*> expired;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const double now = monotonic_now();
+      while (!queue_.empty() && static_cast<int>(taken.size()) < max_items) {
+        Call* call = queue_.front();
+        queue_.pop_front();
+        if (call->deadline <= now) {
+          expired.push_back(call);
+          continue;
+        }
+        call->state = Call::State::kWithPython;
+        with_python_.emplace(call->id, call);
+        taken.push_back(call);
+      }
+      if (queue_.empty()) {
+        uint64_t drained;
+        while (read(event_fd_, &drained, sizeof(drained)) > 0) {
+        }
+      }
+    }
+    for (Call* call : expired) {
+      counters_.expired_before_pickup[call->method]++;
+      FinishWithStatus(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                          "deadline passed before the server could take the "
+                                          "request"));
+    }
+    py::list out;
+    for (Call* call : taken) {
+      std::vector<grpc::Slice> slices;
+      std::string payload;
+      if (call->request.Dump(&slices).ok()) {
+        size_t total = 0;
+        for (const auto& s : slices) total += s.size();
+        payload.reserve(total);
+        for (const auto& s : slices)
+          payload.append(reinterpret_cast<const char*>(s.begin()), s.size());
+      }
+      call->request.Clear();
+      py::object deadline = std::isinf(call->deadline) ? py::object(py::none())
+                                                       : py::object(py::float_(call->deadline));
+      out.append(py::make_tuple(call->id, call->method, py::bytes(payload), call->received_at,
+                                deadline));
+    }
+    return out;
+  }
+
+  // Answers call `id`: code 0 sends `payload` with OK, any other code sends (code, details).
+  void Finish(uint64_t id, int code, const std::string& details, const py::bytes& payload) {
+    Call* call;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = with_python_.find(id);
+      if (it == with_python_.end())
+        throw std::invalid_argument("call " + std::to_string(id) +
+                                    " is not waiting for an answer (answered twice?)");
+      call = it->second;
+      with_python_.erase(it);
+    }
+    if (code == 0) {
+      std::string_view view(payload);
+      grpc::Slice slice(view.data(), view.size());
+      grpc::ByteBuffer buffer(&slice, 1);
+      call->state = Call::State::kFinishing;
+      call->stream.WriteAndFinish(buffer, grpc::WriteOptions(), grpc::Status::OK, call);
+    } else {
+      if (code < 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
+      FinishWithStatus(call, grpc::Status(static_cast<grpc::StatusCode>(code), details));
+    }
+  }
+
+  // Stops accepting (calls arriving from now on get UNAVAILABLE); calls already queued or
+  // taken have `grace_s` to be taken and answered (keep calling take/finish meanwhile), then
+  // grpc++ cancels the rest and the thread is joined. Safe to call twice. Call without the GIL.
+  void Stop(double grace_s) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!server_ || stopping_) return;
+      stopping_ = true;
+    }
+    if (auto* health = server_->GetHealthCheckService()) health->Shutdown();
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::microseconds(static_cast<int64_t>(grace_s * 1e6));
+    server_->Shutdown(deadline);
+    cq_->Shutdown();
+    if (thread_.joinable()) thread_.join();
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Call* call : queue_) delete call;  // cancelled by Shutdown
+    queue_.clear();
+    for (auto& [id, call] : with_python_) delete call;
+    with_python_.clear();
+  }
+
+  py::dict Stats() {
+    py::dict d;
+    d["received"] = counters_.received.load();
+    d["unimplemented"] = counters_.unimplemented.load();
+    const size_t n = methods_.size();
+    d["refused_overloaded"] = per_method(counters_.refused_overloaded, n);
+    d["refused_shutting_down"] = per_method(counters_.refused_shutting_down, n);
+    d["expired_before_pickup"] = per_method(counters_.expired_before_pickup, n);
+    d["read_failed"] = counters_.read_failed.load();
+    std::lock_guard<std::mutex> lock(mu_);
+    d["queued"] = queue_.size();
+    d["with_python"] = with_python_.size();
+    return d;
+  }
+
+ private:
+  void RequestNext() {
+    Call* call = new Call;
+    service_.RequestCall(&call->ctx, &call->stream, cq_.get(), cq_.get(), call);
+  }
+
+  void Poll() {
+    void* tag;
+    bool ok;
+    while (cq_->Next(&tag, &ok)) {
+      Call* call = static_cast<Call*>(tag);
+      switch (call->state) {
+        case Call::State::kAwaitingCall:
+          if (!ok) {  // the server is shutting down
+            delete call;
+            break;
+          }
+          RequestNext();
+          OnCall(call);
+          break;
+        case Call::State::kReading:
+          if (!ok) {
+            counters_.read_failed++;
+            FinishWithStatus(call, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                                "request: no request message received"));
+            break;
+          }
+          OnRequest(call);
+          break;
+        case Call::State::kFinishing:
+          delete call;
+          break;
+        default:  // kQueued / kWithPython never wait on the queue
+          delete call;
+          break;
+      }
+    }
+  }
+
+  void OnCall(Call* call) {
+    counters_.received++;
+    call->received_at = monotonic_now();
+    const gpr_timespec raw = call->ctx.raw_deadline();
+    if (gpr_time_cmp(raw, gpr_inf_future(raw.clock_type)) != 0) {
+      const gpr_timespec left = gpr_time_sub(gpr_convert_clock_type(raw, GPR_CLOCK_REALTIME),
+                                             gpr_now(GPR_CLOCK_REALTIME));
+      call->deadline = call->received_at + gpr_timespec_to_micros(left) * 1e-6;
+    }
+    const std::string& method = call->ctx.method();
+    for (size_t i = 0; i < methods_.size(); ++i) {
+      if (methods_[i] == method) call->method = static_cast<int>(i);
+    }
+    if (call->method < 0) {
+      counters_.unimplemented++;
+      FinishWithStatus(call, grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                                          "unknown method " + method));
+      return;
+    }
+    call->state = Call::State::kReading;
+    call->stream.Read(&call->request, call);
+  }
+
+  void OnRequest(Call* call) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (stopping_) {
+      lock.unlock();
+      counters_.refused_shutting_down[call->method]++;
+      FinishWithStatus(call,
+                       grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+      return;
+    }
+    const size_t pending = queue_.size() + with_python_.size();
+    if (pending >= static_cast<size_t>(max_pending_)) {
+      lock.unlock();
+      counters_.refused_overloaded[call->method]++;
+      FinishWithStatus(call, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                          "server overloaded: " + std::to_string(pending) +
+                                              " requests already pending (max_pending " +
+                                              std::to_string(max_pending_) + ")"));
+      return;
+    }
+    call->id = ++next_id_;
+    call->state = Call::State::kQueued;
+    const bool was_empty = queue_.empty();
+    queue_.push_back(call);
+    if (was_empty) {
+      const uint64_t one = 1;
+      [[maybe_unused]] ssize_t n = write(event_fd_, &one, sizeof(one));
+    }
+  }
+
+  void FinishWithStatus(Call* call, const grpc::Status& status) {
+    call->state = Call::State::kFinishing;
+    call->stream.Finish(status, call);
+  }
+
+  const std::string address_;
+  const std::vector<std::string> methods_;
+  const int max_pending_;
+  const int max_message_bytes_;
+  const bool reuse_port_;
+  const std::string tls_cert_, tls_key_, tls_client_ca_;
+  const std::vector<std::string> health_services_;
+
+  grpc::AsyncGenericService service_;
+  std::unique_ptr<grpc::ServerCompletionQueue> cq_;
+  std::unique_ptr<grpc::Server> server_;
+  std::thread thread_;
+  int port_ = 0;
+  int event_fd_ = -1;
+
+  std::mutex mu_;  // guards everything below
+  std::deque<Call*> queue_;
+  std::unordered_map<uint64_t, Call*> with_python_;
+  uint64_t next_id_ = 0;
+  bool stopping_ = false;
+  Counters counters_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_intake, m) {
+  m.doc() = "Native gRPC intake: RPCs as bytes, handed to Python in bulk (see intake.py).";
+  py::class_<Intake>(m, "Intake")
+      .def(py::init<std::string, std::vector<std::string>, int, int, bool, std::string,
+                    std::string, std::string, std::vector<std::string>>(),
+           py::arg("address"), py::arg("methods"), py::arg("max_pending"),
+           py::arg("max_message_bytes"), py::arg("reuse_port"), py::arg("tls_cert") = "",
+           py::arg("tls_key") = "", py::arg("tls_client_ca") = "",
+           py::arg("health_services") = std::vector<std::string>{""})
+      .def("start", &Intake::Start, py::call_guard<py::gil_scoped_release>())
+      .def("set_serving", &Intake::SetServing, py::call_guard<py::gil_scoped_release>())
+      .def("fileno", &Intake::EventFd)
+      .def("take", &Intake::Take, py::arg("max_items"))
+      .def("finish", &Intake::Finish, py::arg("call_id"), py::arg("code"), py::arg("details"),
+           py::arg("payload"))
+      .def("stop", &Intake::Stop, py::arg("grace_s"), py::call_guard<py::gil_scoped_release>())
+      .def("stats", &Intake::Stats);
+}
