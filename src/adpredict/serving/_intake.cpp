@@ -226,8 +226,7 @@ class Intake {
       std::string_view view(payload);
       grpc::Slice slice(view.data(), view.size());
       grpc::ByteBuffer buffer(&slice, 1);
-      call->state = Call::State::kFinishing;
-      call->stream.WriteAndFinish(buffer, grpc::WriteOptions(), grpc::Status::OK, call);
+      FinishWithBody(call, buffer);
     } else {
       if (code < 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
       FinishWithStatus(call, grpc::Status(static_cast<grpc::StatusCode>(code), details));
@@ -247,6 +246,10 @@ class Intake {
     const auto deadline = std::chrono::system_clock::now() +
                           std::chrono::microseconds(static_cast<int64_t>(grace_s * 1e6));
     server_->Shutdown(deadline);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closed_ = true;  // from now on no op may be started (see FinishWithStatus)
+    }
     cq_->Shutdown();
     if (thread_.joinable()) thread_.join();
     std::lock_guard<std::mutex> lock(mu_);
@@ -273,6 +276,8 @@ class Intake {
 
  private:
   void RequestNext() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
     Call* call = new Call;
     service_.RequestCall(&call->ctx, &call->stream, cq_.get(), cq_.get(), call);
   }
@@ -329,6 +334,11 @@ class Intake {
                                           "unknown method " + method));
       return;
     }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) {
+      delete call;
+      return;
+    }
     call->state = Call::State::kReading;
     call->stream.Read(&call->request, call);
   }
@@ -362,9 +372,28 @@ class Intake {
     }
   }
 
+  // Every operation is started under mu_, and none once the completion queue is closing
+  // (closed_): grpc++ must not get work for a queue that is shut down. A call that can no
+  // longer be answered then is freed; the server's shutdown has cancelled it. The caller must
+  // not hold mu_.
   void FinishWithStatus(Call* call, const grpc::Status& status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) {
+      delete call;
+      return;
+    }
     call->state = Call::State::kFinishing;
     call->stream.Finish(status, call);
+  }
+
+  void FinishWithBody(Call* call, const grpc::ByteBuffer& body) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) {
+      delete call;
+      return;
+    }
+    call->state = Call::State::kFinishing;
+    call->stream.WriteAndFinish(body, grpc::WriteOptions(), grpc::Status::OK, call);
   }
 
   const std::string address_;
@@ -386,7 +415,8 @@ class Intake {
   std::deque<Call*> queue_;
   std::unordered_map<uint64_t, Call*> with_python_;
   uint64_t next_id_ = 0;
-  bool stopping_ = false;
+  bool stopping_ = false;  // no new calls are handed to Python
+  bool closed_ = false;    // the completion queue is shutting down: no new operations
   Counters counters_;
 };
 
