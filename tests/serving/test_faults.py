@@ -326,7 +326,7 @@ async def test_a_fault_in_one_compute_call_fails_only_that_batch(
 
 @pytest.mark.asyncio
 async def test_thousands_of_clients_giving_up_leave_nothing_behind(
-    runtime: ModelRuntime, bare_servicer: Callable[..., Any], frontend: str
+    runtime: ModelRuntime, bare_servicer: Callable[..., Any]
 ) -> None:
     n, k = 2000, 4
     recorder = Recorder()
@@ -392,8 +392,7 @@ async def test_thousands_of_clients_giving_up_leave_nothing_behind(
     assert peak["in_flight"] >= 40 and peak["queued"] >= 100, peak
     server_codes = {c: recorder.codes.count(c) for c in set(recorder.codes)}
     assert len(recorder.codes) >= n // 2, server_codes  # most of the storm reached handlers
-    if frontend == "grpcio":  # the native intake does not pass cancellations on (intake.py)
-        assert server_codes.get(grpc.StatusCode.CANCELLED, 0) >= 200, server_codes
+    assert server_codes.get(grpc.StatusCode.CANCELLED, 0) >= 200, server_codes
     assert server_codes.get(grpc.StatusCode.DEADLINE_EXCEEDED, 0) >= 200, server_codes
     assert set(client_codes) <= {
         grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED

@@ -67,7 +67,14 @@ struct Call {
   int method = -1;
   double received_at = 0.0;
   double deadline = kNoDeadline;  // monotonic seconds
+  // A started call is freed once both its last operation and its done notification
+  // (AsyncNotifyWhenDone: the call ended, answered or cancelled) have come back.
+  bool done = false;        // the done notification came back
+  bool last_op_done = false;  // the final operation (or none, at shutdown) is over
 };
+
+// The done notification's tag: the call's address with the low bit set (Call is aligned).
+void* done_tag(Call* call) { return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(call) | 1); }
 
 constexpr size_t kMaxMethods = 8;
 
@@ -79,6 +86,7 @@ struct Counters {
   std::array<std::atomic<uint64_t>, kMaxMethods> refused_overloaded{};
   std::array<std::atomic<uint64_t>, kMaxMethods> refused_shutting_down{};
   std::array<std::atomic<uint64_t>, kMaxMethods> expired_before_pickup{};
+  std::array<std::atomic<uint64_t>, kMaxMethods> cancelled_before_pickup{};
 };
 
 py::list per_method(const std::array<std::atomic<uint64_t>, kMaxMethods>& counts, size_t n) {
@@ -159,25 +167,34 @@ class Intake {
 
   int EventFd() const { return event_fd_; }
 
-  // Everything queued (up to max_items), as (id, method index, payload, received_at, deadline).
-  // A call whose deadline has passed is answered DEADLINE_EXCEEDED here and not returned.
-  py::list Take(int max_items) {
+  // Everything queued (up to max_items), as a list of (id, method index, payload,
+  // received_at, deadline), and the ids of calls held by Python whose callers cancelled them
+  // since the last take (Python should stop working on them and still finish them).
+  // A queued call whose deadline passed, or whose caller cancelled, is answered here.
+  py::tuple Take(int max_items) {
     std::vector<Call*> taken;
     std::vector<Call*> expired;
+    std::vector<Call*> cancelled;
+    std::vector<uint64_t> cancelled_ids;
     {
       std::lock_guard<std::mutex> lock(mu_);
       const double now = monotonic_now();
       while (!queue_.empty() && static_cast<int>(taken.size()) < max_items) {
         Call* call = queue_.front();
         queue_.pop_front();
-        if (call->deadline <= now) {
+        if (call->deadline <= now) {  // (grpc also ends such a call: done may be set)
           expired.push_back(call);
+          continue;
+        }
+        if (call->done) {  // its caller cancelled it while it waited
+          cancelled.push_back(call);
           continue;
         }
         call->state = Call::State::kWithPython;
         with_python_.emplace(call->id, call);
         taken.push_back(call);
       }
+      cancelled_ids.swap(cancelled_ids_);
       if (queue_.empty()) {
         uint64_t drained;
         while (read(event_fd_, &drained, sizeof(drained)) > 0) {
@@ -189,6 +206,10 @@ class Intake {
       FinishWithStatus(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                                           "deadline passed before the server could take the "
                                           "request"));
+    }
+    for (Call* call : cancelled) {
+      counters_.cancelled_before_pickup[call->method]++;
+      FinishWithStatus(call, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
     }
     py::list out;
     for (Call* call : taken) {
@@ -207,7 +228,9 @@ class Intake {
       out.append(py::make_tuple(call->id, call->method, py::bytes(payload), call->received_at,
                                 deadline));
     }
-    return out;
+    py::list ids;
+    for (uint64_t id : cancelled_ids) ids.append(id);
+    return py::make_tuple(out, ids);
   }
 
   // Answers call `id`: code 0 sends `payload` with OK, any other code sends (code, details).
@@ -252,8 +275,10 @@ class Intake {
     }
     cq_->Shutdown();
     if (thread_.joinable()) thread_.join();
+    // The queue is drained: every done notification has come back. What was never answered
+    // was cancelled by the shutdown.
     std::lock_guard<std::mutex> lock(mu_);
-    for (Call* call : queue_) delete call;  // cancelled by Shutdown
+    for (Call* call : queue_) delete call;
     queue_.clear();
     for (auto& [id, call] : with_python_) delete call;
     with_python_.clear();
@@ -267,6 +292,7 @@ class Intake {
     d["refused_overloaded"] = per_method(counters_.refused_overloaded, n);
     d["refused_shutting_down"] = per_method(counters_.refused_shutting_down, n);
     d["expired_before_pickup"] = per_method(counters_.expired_before_pickup, n);
+    d["cancelled_before_pickup"] = per_method(counters_.cancelled_before_pickup, n);
     d["read_failed"] = counters_.read_failed.load();
     std::lock_guard<std::mutex> lock(mu_);
     d["queued"] = queue_.size();
@@ -279,6 +305,7 @@ class Intake {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return;
     Call* call = new Call;
+    call->ctx.AsyncNotifyWhenDone(done_tag(call));
     service_.RequestCall(&call->ctx, &call->stream, cq_.get(), cq_.get(), call);
   }
 
@@ -286,10 +313,15 @@ class Intake {
     void* tag;
     bool ok;
     while (cq_->Next(&tag, &ok)) {
+      const uintptr_t bits = reinterpret_cast<uintptr_t>(tag);
+      if (bits & 1) {
+        OnDone(reinterpret_cast<Call*>(bits & ~uintptr_t{1}));
+        continue;
+      }
       Call* call = static_cast<Call*>(tag);
       switch (call->state) {
         case Call::State::kAwaitingCall:
-          if (!ok) {  // the server is shutting down
+          if (!ok) {  // the server is shutting down; a call never started gets no done tag
             delete call;
             break;
           }
@@ -306,13 +338,36 @@ class Intake {
           OnRequest(call);
           break;
         case Call::State::kFinishing:
-          delete call;
+          LastOpDone(call);
           break;
         default:  // kQueued / kWithPython never wait on the queue
-          delete call;
           break;
       }
     }
+  }
+
+  // The call ended (answered, or cancelled by its caller, its deadline or the shutdown).
+  void OnDone(Call* call) {
+    std::lock_guard<std::mutex> lock(mu_);
+    call->done = true;
+    if (call->state == Call::State::kWithPython && call->ctx.IsCancelled()) {
+      const bool was_idle = queue_.empty() && cancelled_ids_.empty();
+      cancelled_ids_.push_back(call->id);
+      if (was_idle) Signal();
+    }
+    // A queued call is skipped by Take; a call held by Python is still finished by it.
+    if (call->last_op_done) delete call;
+  }
+
+  void LastOpDone(Call* call) {
+    std::lock_guard<std::mutex> lock(mu_);
+    call->last_op_done = true;
+    if (call->done) delete call;
+  }
+
+  void Signal() {  // with mu_ held
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = write(event_fd_, &one, sizeof(one));
   }
 
   void OnCall(Call* call) {
@@ -336,7 +391,7 @@ class Intake {
     }
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) {
-      delete call;
+      ReleaseLocked(call);
       return;
     }
     call->state = Call::State::kReading;
@@ -364,12 +419,9 @@ class Intake {
     }
     call->id = ++next_id_;
     call->state = Call::State::kQueued;
-    const bool was_empty = queue_.empty();
+    const bool was_idle = queue_.empty() && cancelled_ids_.empty();
     queue_.push_back(call);
-    if (was_empty) {
-      const uint64_t one = 1;
-      [[maybe_unused]] ssize_t n = write(event_fd_, &one, sizeof(one));
-    }
+    if (was_idle) Signal();
   }
 
   // Every operation is started under mu_, and none once the completion queue is closing
@@ -379,7 +431,7 @@ class Intake {
   void FinishWithStatus(Call* call, const grpc::Status& status) {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) {
-      delete call;
+      ReleaseLocked(call);
       return;
     }
     call->state = Call::State::kFinishing;
@@ -389,11 +441,18 @@ class Intake {
   void FinishWithBody(Call* call, const grpc::ByteBuffer& body) {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) {
-      delete call;
+      ReleaseLocked(call);
       return;
     }
     call->state = Call::State::kFinishing;
     call->stream.WriteAndFinish(body, grpc::WriteOptions(), grpc::Status::OK, call);
+  }
+
+  // No final operation will be started (shutting down): free the call once its done
+  // notification is back.
+  void ReleaseLocked(Call* call) {
+    call->last_op_done = true;
+    if (call->done) delete call;
   }
 
   const std::string address_;
@@ -414,6 +473,7 @@ class Intake {
   std::mutex mu_;  // guards everything below
   std::deque<Call*> queue_;
   std::unordered_map<uint64_t, Call*> with_python_;
+  std::vector<uint64_t> cancelled_ids_;  // held by Python, cancelled by the caller
   uint64_t next_id_ = 0;
   bool stopping_ = false;  // no new calls are handed to Python
   bool closed_ = false;    // the completion queue is shutting down: no new operations

@@ -17,16 +17,21 @@ How
     validation, admission, batching, status codes and metrics are the same code. Health is
     grpc++'s ``grpc.health.v1`` service (Check and Watch), set by ``set_serving``.
 
+Cancellation
+    A caller that cancels (or whose deadline passes) is seen by C++ (``AsyncNotifyWhenDone``):
+    a queued call is dropped there, and for a call Python holds the next ``take`` returns its id,
+    whose task is cancelled, so the batcher drops the request as with grpc.aio.
+
 Differences from the grpc.aio front end
-    No server reflection (``grpcurl`` needs the proto file), and a caller that cancels is not
-    seen until its answer is ready (its request still expires by its deadline). Refusals made
-    in C++ are counted through ``ServiceObserver.intake_refused``.
+    No server reflection (``grpcurl`` needs the proto file). Calls answered in C++ are counted
+    through ``ServiceObserver.intake_refused``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,7 +52,12 @@ _METHODS = (f"/{SERVICE_NAME}/Predict", f"/{SERVICE_NAME}/GetModelMetadata")
 _METHOD_NAMES = ("Predict", "GetModelMetadata")
 _PREDICT = 0
 #: Why the C++ intake answered a call itself (``ServiceObserver.intake_refused``).
-INTAKE_REFUSALS = ("refused_overloaded", "expired_before_pickup", "refused_shutting_down")
+INTAKE_REFUSALS = (
+    "refused_overloaded",
+    "expired_before_pickup",
+    "cancelled_before_pickup",
+    "refused_shutting_down",
+)
 _TAKE_AT_ONCE = 4096  # calls taken per wake-up; more stay queued for the next one
 _STATS_INTERVAL_S = 0.5  # how often C++-side refusals are passed on to the observer
 
@@ -110,7 +120,7 @@ class NativeFrontend:
         )
         self._address = address
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # call id -> the task answering it
         self._reported: dict[str, int] = {}
         self._stats_task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -146,10 +156,10 @@ class NativeFrontend:
         finally:
             await stopping
             self._loop.remove_reader(self._intake.fileno())
-            for task in list(self._tasks):
+            for task in list(self._tasks.values()):
                 task.cancel()
             if self._tasks:
-                await asyncio.wait(self._tasks)
+                await asyncio.wait(list(self._tasks.values()))
             if self._stats_task is not None:
                 self._stats_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -161,10 +171,18 @@ class NativeFrontend:
     def _on_ready(self) -> None:
         loop = self._loop
         assert loop is not None
-        for call_id, method, payload, received_at, deadline in self._intake.take(_TAKE_AT_ONCE):
+        calls, cancelled = self._intake.take(_TAKE_AT_ONCE)
+        for call_id, method, payload, received_at, deadline in calls:
             task = loop.create_task(self._answer(call_id, method, payload, received_at, deadline))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[call_id] = task
+            task.add_done_callback(functools.partial(self._forget, call_id))
+        for call_id in cancelled:  # the caller went away: stop working on its request
+            task = self._tasks.get(call_id)
+            if task is not None:
+                task.cancel()
+
+    def _forget(self, call_id: int, _: asyncio.Task[None]) -> None:
+        self._tasks.pop(call_id, None)
 
     async def _answer(
         self, call_id: int, method: int, payload: bytes, received_at: float, deadline: Any
@@ -177,7 +195,9 @@ class NativeFrontend:
                 )
             else:
                 outcome = self._servicer.metadata_outcome(self._parse_metadata(payload))
-        except asyncio.CancelledError:  # stop() after its grace: the call was cancelled in C++
+        except asyncio.CancelledError:  # its caller cancelled, or stop() gave up on it
+            with contextlib.suppress(ValueError):  # (after stop() the intake has let it go)
+                self._intake.finish(call_id, grpc.StatusCode.CANCELLED.value[0], "cancelled", b"")
             raise
         except Exception as exc:  # a bug here must still answer the call
             logger.exception("native front end failed to answer a call")

@@ -87,6 +87,7 @@ _TIMEOUT_IN_INTAKE = "expired_in_intake"
 _INTAKE = {
     "refused_overloaded": ("RESOURCE_EXHAUSTED", "intake_full"),
     "expired_before_pickup": ("DEADLINE_EXCEEDED", _TIMEOUT_IN_INTAKE),
+    "cancelled_before_pickup": ("CANCELLED", ""),
     "refused_shutting_down": ("UNAVAILABLE", "shutting_down"),
 }
 # ``*_created`` series double the output and no dashboard or alert reads them.
@@ -375,7 +376,9 @@ class _ServiceMetrics(ServiceObserver):
         self._m.requests.labels(method, "", code).inc(count)
         if method != "Predict":
             return
-        if code == "DEADLINE_EXCEEDED":
+        if code == "CANCELLED":
+            self._m.cancellations.labels("").inc(count)
+        elif code == "DEADLINE_EXCEEDED":
             self._m.timeouts.labels("", kind).inc(count)
         else:
             self._m.rejections.labels("", kind).inc(count)

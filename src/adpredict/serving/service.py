@@ -133,7 +133,8 @@ class ServiceObserver:
     def intake_refused(self, method: str, reason: str, count: int) -> None:
         """The native intake answered ``count`` calls of ``method`` itself, never handing them
         to the servicer: ``refused_overloaded`` (RESOURCE_EXHAUSTED), ``expired_before_pickup``
-        (DEADLINE_EXCEEDED) or ``refused_shutting_down`` (UNAVAILABLE)."""
+        (DEADLINE_EXCEEDED), ``cancelled_before_pickup`` (CANCELLED: the caller went away while
+        the call was queued) or ``refused_shutting_down`` (UNAVAILABLE)."""
         return None
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
