@@ -89,6 +89,7 @@ bench: demo-model
 	$(PY) benchmarks/bench_optimizers.py --quick
 	$(PY) benchmarks/bench_model.py --model-dir $(MODELS) --quick
 	$(PY) benchmarks/bench_batching.py --model-dir $(MODELS) --quick
+	$(PY) benchmarks/bench_frontends.py --model-dir $(MODELS) --quick
 	$(PY) benchmarks/bench_overload.py --model-dir $(MODELS) --quick
 	$(PY) benchmarks/bench_soak.py --model-dir $(MODELS) --quick
 

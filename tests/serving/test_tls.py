@@ -10,8 +10,10 @@ files stop the start-up with a ``StartupError`` naming the file, before TensorFl
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adpredict.cli import main
 from adpredict.client import AsyncPredictionClient, build_request, channel_credentials
 from adpredict.errors import AdpredictError, RequestError, StartupError
+from adpredict.serving import intake
 from adpredict.serving.server import PredictionServer, ServerOptions, tls_credentials
 from adpredict.v1 import prediction_service_pb2 as pb
 
@@ -228,6 +231,37 @@ async def test_bad_tls_files_are_startup_errors_naming_the_file(pki: Pki, tmp_pa
         channel_credentials(pki.ca, pki.client_cert)
     with pytest.raises(AdpredictError, match=f"TLS CA {missing}: cannot read it"):
         channel_credentials(missing)
+
+
+@pytest.mark.skipif(not intake.available() and os.environ.get("CI") != "true", reason="no native")
+def test_native_tls_works_when_tensorflow_was_imported_first(pki: Pki) -> None:
+    """TensorFlow exports its own BoringSSL globally; the native intake must not bind to it
+    (it did, and crashed at the first TLS handshake). Fresh process: the import order is it."""
+    script = f"""
+import tensorflow, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from adpredict.serving import intake  # after tensorflow
+from pathlib import Path
+read = lambda p: Path(p).read_text()
+server = intake._intake.Intake("127.0.0.1:0", ["/x/Y"], 8, 1 << 20, False,
+    read({str(pki.server_cert)!r}), read({str(pki.server_key)!r}), "", [""])
+port = server.start()
+server.set_serving(True)
+creds = grpc.ssl_channel_credentials(read({str(pki.ca)!r}).encode())
+with grpc.secure_channel(f"127.0.0.1:{{port}}", creds) as channel:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+server.stop(0.5)
+print("status", reply.status)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "status 1" in out.stdout  # SERVING
 
 
 def test_serve_command_reports_a_bad_tls_file_at_once(

@@ -32,7 +32,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +64,27 @@ INTAKE_REFUSALS = (
 _TAKE_AT_ONCE = 4096  # calls taken per wake-up; more stay queued for the next one
 _STATS_INTERVAL_S = 0.5  # how often C++-side refusals are passed on to the observer
 
-try:
-    from adpredict.serving import _intake
-except ImportError as exc:  # built without grpc++ (see setup.py)
-    _intake = None
-    _IMPORT_ERROR = str(exc)
-else:
-    _IMPORT_ERROR = ""
+
+def _load_extension() -> tuple[Any, str]:
+    """Import ``_intake`` with RTLD_DEEPBIND: its grpc++ must use the system's OpenSSL.
+
+    TensorFlow loads itself with RTLD_GLOBAL, and libtensorflow_framework exports its own
+    BoringSSL (SSL_CTX_new and ~1,400 other symbols). Loaded after TensorFlow without
+    DEEPBIND, libgrpc.so binds 161 symbols to that BoringSSL, and the first TLS server
+    crashes (found by the test suite; ``LD_DEBUG=bindings`` shows it). DEEPBIND makes the
+    extension and its dependencies look in their own dependencies first.
+    """
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | getattr(os, "RTLD_DEEPBIND", 0))
+    try:
+        return importlib.import_module("adpredict.serving._intake"), ""
+    except ImportError as exc:  # built without grpc++ (see setup.py)
+        return None, str(exc)
+    finally:
+        sys.setdlopenflags(flags)
+
+
+_intake, _IMPORT_ERROR = _load_extension()
 
 
 def available() -> bool:
