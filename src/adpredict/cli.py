@@ -144,8 +144,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dim=args.dim,
         l2=args.l2,
         min_count=args.min_count,
-        shrink=args.shrink,
-        shrink_linear=args.shrink_linear,
         hidden=args.hidden,
         holdout_every=args.holdout_every,
         seed=args.seed,
@@ -423,7 +421,7 @@ def _add_serve_parsers(sub: Any) -> None:
         choices=("grpcio", "native"),
         default="grpcio",
         help="who receives RPCs: grpcio (grpc.aio on the event loop; default) or native (the "
-        "C++ intake: ~7x cheaper per RPC, refuses overload before Python; no reflection)",
+        "C++ intake: far cheaper per RPC, refuses overload before Python; no reflection)",
     )
     p.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
@@ -574,18 +572,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="feature admission: values seen fewer times in training share the missing bucket",
-    )
-    p.add_argument(
-        "--shrink",
-        type=float,
-        default=0.0,
-        help="frequency shrinkage: a value seen n times has its factor vector scaled by "
-        "n / (n + SHRINK) (fm, deepfm; 0: off)",
-    )
-    p.add_argument(
-        "--shrink-linear",
-        action="store_true",
-        help="with --shrink, also shrink the linear weights",
     )
     p.add_argument("--hidden", type=_int_list, default=(64, 32), help="MLP widths (deepfm)")
     p.add_argument(
