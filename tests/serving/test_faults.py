@@ -351,9 +351,9 @@ async def test_thousands_of_clients_giving_up_leave_nothing_behind(
                 await asyncio.sleep(0.002)
 
         async def give_up(i: int) -> grpc.StatusCode:
-            # Spread over ~2 s (1,000/s, more than the slow model serves): started all at
+            # Spread over ~4 s (500/s, more than the slow model serves): started all at
             # once, the calls would expire before this loop got round to serving any of them.
-            await asyncio.sleep(i / 1000)
+            await asyncio.sleep(i / 500)
             stub = stubs[i % len(stubs)]
             if i % 2:  # a deadline missed in the queue (or hopeless at admission)
                 call = stub.Predict(message, timeout=rng.uniform(0.005, 0.3))
