@@ -556,13 +556,17 @@ def main() -> int:
     result["rows"] = rows
     result["ceiling"] = read_ceiling(args.ceiling)
     result["summary"] = summarize(rows, args.k, result["ceiling"])
-    out = Path(args.out)
+    write_results(args.out, result, report_md(result))
+    return 0
+
+
+def write_results(out: str | Path, result: dict[str, Any], text: str) -> None:
+    """``out``.json (``result``) and ``out``.md (``text``, also printed): every benchmark's tail."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    text = report_md(result)
     Path(f"{out}.md").write_text(text)
     print("\n" + text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ the native/grpcio ratio of OK predictions/s and of CPU per prediction. Results: 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from adpredict import loadtest
-from bench_batching import LIVE, ROOT, Bench, Server
+from bench_batching import LIVE, ROOT, Bench, Server, write_results
 
 FRONTENDS = ("grpcio", "native")
 
@@ -172,11 +171,7 @@ def main() -> int:
             server.stop()
     result["rows"] = rows
     result["summary"] = summarize(rows)
-    out = Path(args.out)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    text = report_md(result)
-    Path(f"{out}.md").write_text(text)
-    print("\n" + text)
+    write_results(args.out, result, report_md(result))
     return 0
 
 

@@ -25,7 +25,6 @@ bench_batching.py reads the JSON for its "fraction of the ceiling" figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -212,12 +211,9 @@ def main() -> int:
         "ceiling": ceiling,
         "quick": args.quick,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    text = report_md(result)
-    Path(f"{out}.md").write_text(text)
-    print("\n" + text)
+    from bench_batching import write_results  # here: nothing of it before TF is pinned
+
+    write_results(args.out, result, report_md(result))
     return 0
 
 

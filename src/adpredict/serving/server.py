@@ -551,19 +551,13 @@ class PredictionServer:
         self._draining = True
         grace = self.options.grace_s
         await self.health.enter_graceful_shutdown()
-        if self._native is not None:
+        frontend = self._native if self._native is not None else self._server
+        if frontend is not None:  # grpc.aio.Server and NativeFrontend both stop(grace)
             logger.info(
                 "draining: health NOT_SERVING, finishing in-flight RPCs (grace %.1fs)", grace
             )
             started = time.monotonic()
-            await self._native.stop(grace)
-            logger.info("native front end stopped after %.2fs", time.monotonic() - started)
-        if self._server is not None:
-            logger.info(
-                "draining: health NOT_SERVING, finishing in-flight RPCs (grace %.1fs)", grace
-            )
-            started = time.monotonic()
-            await self._server.stop(grace)
+            await frontend.stop(grace)
             logger.info("gRPC server stopped after %.2fs", time.monotonic() - started)
         if self.servicer is not None:
             await self.servicer.close(grace)
