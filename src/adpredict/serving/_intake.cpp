@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <memory>
@@ -213,24 +214,31 @@ class Intake {
     }
     py::list out;
     for (Call* call : taken) {
-      std::vector<grpc::Slice> slices;
-      std::string payload;
-      if (call->request.Dump(&slices).ok()) {
-        size_t total = 0;
-        for (const auto& s : slices) total += s.size();
-        payload.reserve(total);
-        for (const auto& s : slices)
-          payload.append(reinterpret_cast<const char*>(s.begin()), s.size());
-      }
-      call->request.Clear();
       py::object deadline = std::isinf(call->deadline) ? py::object(py::none())
                                                        : py::object(py::float_(call->deadline));
-      out.append(py::make_tuple(call->id, call->method, py::bytes(payload), call->received_at,
-                                deadline));
+      out.append(py::make_tuple(call->id, call->method, Payload(&call->request),
+                                call->received_at, deadline));
+      call->request.Clear();
     }
     py::list ids;
     for (uint64_t id : cancelled_ids) ids.append(id);
     return py::make_tuple(out, ids);
+  }
+
+  // The request's bytes as a Python bytes object, copied once from grpc's slices.
+  static py::bytes Payload(grpc::ByteBuffer* request) {
+    std::vector<grpc::Slice> slices;
+    if (!request->Dump(&slices).ok()) return py::bytes();
+    size_t total = 0;
+    for (const auto& s : slices) total += s.size();
+    PyObject* bytes = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total));
+    if (bytes == nullptr) throw py::error_already_set();
+    char* dst = PyBytes_AS_STRING(bytes);
+    for (const auto& s : slices) {
+      std::memcpy(dst, s.begin(), s.size());
+      dst += s.size();
+    }
+    return py::reinterpret_steal<py::bytes>(bytes);
   }
 
   // Answers call `id`: code 0 sends `payload` with OK, any other code sends (code, details).
@@ -429,23 +437,26 @@ class Intake {
   // longer be answered then is freed; the server's shutdown has cancelled it. The caller must
   // not hold mu_.
   void FinishWithStatus(Call* call, const grpc::Status& status) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (closed_) {
-      ReleaseLocked(call);
-      return;
-    }
-    call->state = Call::State::kFinishing;
-    call->stream.Finish(status, call);
+    StartLast(call, status, nullptr);
   }
 
   void FinishWithBody(Call* call, const grpc::ByteBuffer& body) {
+    StartLast(call, grpc::Status::OK, &body);
+  }
+
+  // The call's last operation: the status, with `body` first if given.
+  void StartLast(Call* call, const grpc::Status& status, const grpc::ByteBuffer* body) {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) {
       ReleaseLocked(call);
       return;
     }
     call->state = Call::State::kFinishing;
-    call->stream.WriteAndFinish(body, grpc::WriteOptions(), grpc::Status::OK, call);
+    if (body != nullptr) {
+      call->stream.WriteAndFinish(*body, grpc::WriteOptions(), status, call);
+    } else {
+      call->stream.Finish(status, call);
+    }
   }
 
   // No final operation will be started (shutting down): free the call once its done
