@@ -192,9 +192,13 @@ async def test_health_unknown_methods_and_bytes_that_are_not_a_message(
         for service in ("", "adpredict.v1.PredictionService"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == serving
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert (await watch.read()).status == serving
         native.frontend.set_serving(False)
         reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
         native.frontend.set_serving(True)
 
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
