@@ -233,10 +233,14 @@ async def test_model_dir_gone_keeps_serving_the_last_good_version(
 
 class Recorder(ServiceObserver):
     def __init__(self) -> None:
-        self.codes: list[grpc.StatusCode] = []
+        self.codes: list[grpc.StatusCode] = []  # RPCs answered by the servicer
+        self.refused_in_intake: dict[str, int] = {}  # calls the native intake answered itself
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
         self.codes.append(code)
+
+    def intake_refused(self, method: str, reason: str, count: int) -> None:
+        self.refused_in_intake[reason] = self.refused_in_intake.get(reason, 0) + count
 
 
 class FaultyRuntime:
@@ -395,7 +399,15 @@ async def test_thousands_of_clients_giving_up_leave_nothing_behind(
     # up before a handler starts: 698 of 2,000 reached grpc.aio handlers on the dev VM today).
     assert len(recorder.codes) >= n // 4, server_codes
     assert server_codes.get(grpc.StatusCode.CANCELLED, 0) >= 200, server_codes
-    assert server_codes.get(grpc.StatusCode.DEADLINE_EXCEEDED, 0) >= 200, server_codes
+    # Short deadlines expire in the batcher's queue, are hopeless at its admission, or (native
+    # front end) are refused at arrival in C++ because the queue's delay exceeds them.
+    intake = recorder.refused_in_intake
+    missed = (
+        server_codes.get(grpc.StatusCode.DEADLINE_EXCEEDED, 0)
+        + intake.get("refused_queue_delay", 0)
+        + intake.get("expired_before_pickup", 0)
+    )
+    assert missed >= 200, (server_codes, intake)
     assert set(client_codes) <= {
         grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED
     }  # fmt: skip

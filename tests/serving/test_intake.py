@@ -3,8 +3,8 @@
 What the shared tests (``bare_servicer`` / ``servers`` run on both front ends: faults,
 overload, TLS) do not cover: answers identical to the grpc.aio front end's, merging into one
 compute call, health and unknown methods, bytes that are not a message, what the C++ side answers
-itself (overload beyond ``max_pending``, deadlines that pass before Python takes a call) and how
-it is counted, shutdown, a port in use, and ``serve --frontend native`` end to end.
+itself (overload beyond ``max_pending``, deadlines that pass before Python takes a call, budgets
+shorter than the queue's delay) and how it is counted, shutdown, a port in use, and ``serve --frontend native`` end to end.
 """
 
 from __future__ import annotations
@@ -107,11 +107,14 @@ class Native:
         observer: ServiceObserver | None = None,
         *,
         max_pending: int = 10_000,
+        sla_s: float = 5.0,
+        admit_within_sla: bool = False,
     ) -> None:
         self.servicer = PredictionServicer(
             runtime,
             options or BatcherOptions(max_wait_s=0.0),
-            sla_s=5.0,
+            sla_s=sla_s,
+            admit_within_sla=admit_within_sla,
             max_candidates=512,
             observer=observer,
         )
@@ -283,6 +286,47 @@ async def test_deadline_passed_before_python_takes_the_call(runtime: ModelRuntim
     # client); none of them ever reached Python.
     assert 3 <= observer.refused.get(("Predict", "expired_before_pickup"), 0) <= 5
     assert before.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 0
+
+
+@pytest.mark.parametrize("within_sla", [False, True])
+async def test_calls_whose_budget_is_shorter_than_the_queue_delay_are_refused_in_cpp(
+    runtime: ModelRuntime, within_sla: bool
+) -> None:
+    """The oldest pending call's age is the queue's delay: a call arriving with less budget
+    left is refused at arrival by C++ (not by the client's own deadline, not by Python); one
+    with budget enough is served. With ``admit_within_sla`` the SLA caps every budget."""
+    observer = Counting()
+    slow = SlowRuntime(runtime, 0.0)
+    sla_s = 0.25 if within_sla else 5.0
+    async with (
+        Native(slow, observer=observer, sla_s=sla_s, admit_within_sla=within_sla) as native,
+        grpc.aio.insecure_channel(native.target) as ch,
+    ):
+        stub = pb_grpc.PredictionServiceStub(ch)
+        await stub.Predict(message(2), timeout=RPC_TIMEOUT_S)  # connected, cost learned
+        slow.delay_s = 0.6
+        held = asyncio.ensure_future(stub.Predict(message(2), timeout=RPC_TIMEOUT_S))
+        while native.frontend.stats()["queue_delay_s"] < 0.3:  # the held call is 300 ms old
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as short:
+            await stub.Predict(message(2), timeout=0.2)  # 200 ms < 300 ms already waited
+        assert short.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert short.value.details().startswith("server overloaded: requests are waiting")
+        long_call = stub.Predict(message(2), timeout=RPC_TIMEOUT_S)
+        if within_sla:  # its budget is the 250 ms SLA, not its 20 s deadline
+            with pytest.raises(grpc.aio.AioRpcError) as capped:
+                await long_call
+            assert capped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "ms budget" in capped.value.details()
+        else:
+            assert len((await long_call).probabilities) == 2
+        assert len((await held).probabilities) == 2
+        slow.delay_s = 0.0
+        # The queue is empty again: the same short deadline is served.
+        assert len((await stub.Predict(message(2), timeout=0.2)).probabilities) == 2
+    refused = observer.refused.get(("Predict", "refused_queue_delay"), 0)
+    assert refused == (2 if within_sla else 1)
+    assert grpc.StatusCode.DEADLINE_EXCEEDED not in observer.done  # never reached Python
 
 
 async def test_stop_answers_taken_calls_then_refuses(runtime: ModelRuntime) -> None:

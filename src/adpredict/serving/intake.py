@@ -11,11 +11,23 @@ How
     as bytes, without the GIL. Calls it cannot hand over are answered there at once: more than
     ``max_pending`` calls waiting for or held by Python (RESOURCE_EXHAUSTED), a deadline that
     passed before Python could take the call (DEADLINE_EXCEEDED), shutting down (UNAVAILABLE),
-    an unknown method (UNIMPLEMENTED). The rest queue in C++; an eventfd wakes the event loop,
+    an unknown method (UNIMPLEMENTED), and a Predict whose budget is shorter than the queue's
+    present delay (DEADLINE_EXCEEDED; see "Admission" below). The rest queue in C++; an eventfd wakes the event loop,
     which takes the whole queue in one call and runs each call as a task through the same
     ``PredictionServicer.predict_outcome`` / ``metadata_outcome`` as the grpc.aio front end, so
     validation, admission, batching, status codes and metrics are the same code. Health is
     grpc++'s ``grpc.health.v1`` service (Check and Watch), set by ``set_serving``.
+
+Admission
+    The C++ intake measures the queue's present delay as the age of the oldest call pending
+    (queued there or held by Python): a Predict arriving now is answered about that late, plus
+    one batch's compute (``PredictionServicer.compute_margin_s``, refreshed every
+    ``_STATS_INTERVAL_S``). A Predict whose admission budget ends sooner is refused at arrival
+    with DEADLINE_EXCEEDED: the budget is its deadline (the SLA if it has none), and with
+    ``admit_within_sla`` no more than the SLA. Under overload the excess is so refused in C++,
+    without the GIL and without a task, so the Python loop spends itself on admitted calls.
+    At light load the oldest call is young and nothing is refused; the servicer's own
+    admission (the batcher's predicted answer time) still applies to every call taken.
 
 Cancellation
     A caller that cancels (or whose deadline passes) is seen by C++ (``AsyncNotifyWhenDone``):
@@ -60,6 +72,7 @@ INTAKE_REFUSALS = (
     "expired_before_pickup",
     "cancelled_before_pickup",
     "refused_shutting_down",
+    "refused_queue_delay",
 )
 _TAKE_AT_ONCE = 4096  # calls taken per wake-up; more stay queued for the next one
 _STATS_INTERVAL_S = 0.5  # how often C++-side refusals are passed on to the observer
@@ -134,6 +147,7 @@ class NativeFrontend:
             _read(tls_key),
             _read(tls_client_ca),
             ["", SERVICE_NAME],
+            [_PREDICT],
         )
         self._address = address
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,6 +162,7 @@ class NativeFrontend:
             port = await asyncio.to_thread(self._intake.start)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {self._address} (gRPC port): {exc}") from None
+        self._publish_admission()
         self._loop.add_reader(self._intake.fileno(), self._on_ready)
         self._stats_task = self._loop.create_task(self._report_stats(), name="intake-stats")
         return port
@@ -230,6 +245,13 @@ class NativeFrontend:
         while True:
             await asyncio.sleep(_STATS_INTERVAL_S)
             self._pass_on_stats()
+            self._publish_admission()
+
+    def _publish_admission(self) -> None:
+        servicer = self._servicer
+        self._intake.set_admission(
+            servicer.sla_s, servicer.admit_within_sla, servicer.compute_margin_s()
+        )
 
     def _pass_on_stats(self) -> None:
         stats = self._intake.stats()

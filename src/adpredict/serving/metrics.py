@@ -83,12 +83,14 @@ _TIMEOUT_AT_ADMISSION = "rejected_at_admission"
 _TIMEOUT_IN_QUEUE = "expired_in_queue"
 _TIMEOUT_LATE = "late_after_compute"
 _TIMEOUT_IN_INTAKE = "expired_in_intake"
+_TIMEOUT_INTAKE_DELAY = "rejected_in_intake"
 # Native intake refusal -> (gRPC code, timeout stage or rejection reason).
 _INTAKE = {
     "refused_overloaded": ("RESOURCE_EXHAUSTED", "intake_full"),
     "expired_before_pickup": ("DEADLINE_EXCEEDED", _TIMEOUT_IN_INTAKE),
     "cancelled_before_pickup": ("CANCELLED", ""),
     "refused_shutting_down": ("UNAVAILABLE", "shutting_down"),
+    "refused_queue_delay": ("DEADLINE_EXCEEDED", _TIMEOUT_INTAKE_DELAY),
 }
 # ``*_created`` series double the output and no dashboard or alert reads them.
 disable_created_metrics()

@@ -134,7 +134,9 @@ class ServiceObserver:
         """The native intake answered ``count`` calls of ``method`` itself, never handing them
         to the servicer: ``refused_overloaded`` (RESOURCE_EXHAUSTED), ``expired_before_pickup``
         (DEADLINE_EXCEEDED), ``cancelled_before_pickup`` (CANCELLED: the caller went away while
-        the call was queued) or ``refused_shutting_down`` (UNAVAILABLE)."""
+        the call was queued), ``refused_shutting_down`` (UNAVAILABLE) or
+        ``refused_queue_delay`` (DEADLINE_EXCEEDED: the queue's present delay exceeded the
+        call's budget at arrival)."""
         return None
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
@@ -194,6 +196,23 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def batchers(self) -> Mapping[str, Batcher[ParsedRequest, SliceResult]]:
         """The batcher of every model seen so far (for gauges such as queue length)."""
         return dict(self._batchers)
+
+    @property
+    def sla_s(self) -> float:
+        """The budget of a request without a deadline (and, with ``admit_within_sla``, a cap)."""
+        return self._sla_s
+
+    @property
+    def admit_within_sla(self) -> bool:
+        return self._admit_within_sla
+
+    def compute_margin_s(self) -> float:
+        """How long a request that reaches the head of a queue still takes: the predicted
+        compute of one full batch of the slowest model, plus the batcher's safety margin. A
+        front end that judges admission by the queue's present delay adds this to it."""
+        full = self._options.max_batch_size if self._options.batching else 1
+        compute = max((b.predicted_compute_s(full) for b in self._batchers.values()), default=0.0)
+        return compute + self._options.safety_margin_s
 
     @property
     def in_flight(self) -> int:
