@@ -22,7 +22,7 @@
 // held by Python) is the queue's present delay; a call arriving now is answered about that late
 // (FIFO), plus `margin_s` (Python publishes about one batch's compute). A call whose admission
 // budget ends sooner is refused at arrival: its deadline, or `sla_s` from now if it has none,
-// and with `within_sla` also no later than `sla_s` from now. So under overload the excess is
+// and never later than `cap_s` from now (Python sets it near the SLA with --admit-within-sla). So under overload the excess is
 // refused here, in microseconds and without the GIL, instead of costing the Python loop a task
 // each; at light load the oldest call is young and nothing is refused. No rate estimate is
 // needed: the rule reads the delay the queue actually has.
@@ -36,6 +36,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,6 +69,31 @@ double monotonic_now() {  // the clock of Python's time.monotonic()
 }
 
 constexpr double kNoDeadline = std::numeric_limits<double>::infinity();
+
+// Asks the kernel for a short time slice (EEVDF, Linux >= 6.12: sched_attr.sched_runtime of a
+// SCHED_OTHER thread) so that this thread, woken by a new call, preempts a busy TensorFlow or
+// Python thread on the same core instead of waiting for its slice to end. Allowed unprivileged;
+// older kernels refuse it, or accept it without effect. Measured on the development VM (one core,
+// two spinning threads, 1 ms sleeps): wake-up lateness p99 0.59 ms with the default slice,
+// 0.10 ms with 100 us. Returns whether the kernel accepted it.
+bool PreferPromptWakeups() {
+#ifdef SYS_sched_setattr
+  struct {
+    uint32_t size, sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime, sched_deadline, sched_period;
+  } attr{};
+  attr.size = sizeof(attr);  // SCHED_ATTR_SIZE_VER0 (48 bytes)
+  attr.sched_policy = 0;     // SCHED_OTHER
+  attr.sched_nice = getpriority(PRIO_PROCESS, 0);  // keep the thread's nice value
+  attr.sched_runtime = 100'000;  // ns
+  return syscall(SYS_sched_setattr, 0, &attr, 0) == 0;
+#else
+  return false;
+#endif
+}
 
 class Intake;
 
@@ -175,7 +202,10 @@ class Intake {
     }
     SetServing(false);
     RequestNext();
-    thread_ = std::thread([this] { Poll(); });
+    thread_ = std::thread([this] {
+      short_slice_ = PreferPromptWakeups();
+      Poll();
+    });
     return port_;
   }
 
@@ -188,13 +218,16 @@ class Intake {
 
   int EventFd() const { return event_fd_; }
 
-  // Queue-delay admission for the judged methods (see the top of this file). `sla_s` <= 0
-  // turns it off (the default).
-  void SetAdmission(double sla_s, bool within_sla, double margin_s) {
+  // Queue-delay admission for the judged methods (see the top of this file): `sla_s` is the
+  // budget of a call without a deadline (<= 0 turns admission off, the default), `cap_s` the
+  // most any call's budget counts (infinity: no cap), `margin_s` the compute still ahead of a
+  // call that reaches the head of the queue.
+  void SetAdmission(double sla_s, double cap_s, double margin_s) {
     if (!(margin_s >= 0)) throw std::invalid_argument("margin_s must be >= 0");
+    if (!(cap_s > 0)) throw std::invalid_argument("cap_s must be > 0");
     std::lock_guard<std::mutex> lock(mu_);
     sla_s_ = sla_s > 0 ? sla_s : 0.0;
-    within_sla_ = within_sla;
+    cap_s_ = cap_s;
     margin_s_ = margin_s;
   }
 
@@ -333,6 +366,7 @@ class Intake {
     d["cancelled_before_pickup"] = per_method(counters_.cancelled_before_pickup, n);
     d["refused_queue_delay"] = per_method(counters_.refused_queue_delay, n);
     d["read_failed"] = counters_.read_failed.load();
+    d["short_slice"] = short_slice_.load();
     std::lock_guard<std::mutex> lock(mu_);
     d["queued"] = queue_.size();
     d["with_python"] = with_python_.size();
@@ -457,11 +491,12 @@ class Intake {
                                               std::to_string(max_pending_) + ")"));
       return;
     }
-    if (sla_s_ > 0 && judged_[call->method]) {
+    // (An idle intake refuses nothing: whether a lone call can make it is the batcher's call.)
+    if (sla_s_ > 0 && judged_[call->method] && pending > 0) {
       const double now = monotonic_now();
       const double delay = OldestAgeLocked(now);
       double admit_by = std::isinf(call->deadline) ? call->received_at + sla_s_ : call->deadline;
-      if (within_sla_) admit_by = std::min(admit_by, call->received_at + sla_s_);
+      admit_by = std::min(admit_by, call->received_at + cap_s_);
       if (now + delay + margin_s_ > admit_by) {
         const double margin_s = margin_s_;
         lock.unlock();
@@ -547,6 +582,7 @@ class Intake {
   std::thread thread_;
   int port_ = 0;
   int event_fd_ = -1;
+  std::atomic<bool> short_slice_{false};  // the kernel granted the intake thread a short slice
 
   std::mutex mu_;  // guards everything below
   std::deque<Call*> queue_;
@@ -556,7 +592,7 @@ class Intake {
   bool stopping_ = false;  // no new calls are handed to Python
   bool closed_ = false;    // the completion queue is shutting down: no new operations
   double sla_s_ = 0.0;     // queue-delay admission (SetAdmission); 0 = off
-  bool within_sla_ = false;
+  double cap_s_ = kNoDeadline;
   double margin_s_ = 0.0;
   std::array<bool, kMaxMethods> judged_{};  // methods under queue-delay admission
   Counters counters_;
@@ -577,7 +613,7 @@ PYBIND11_MODULE(_intake, m) {
       .def("start", &Intake::Start, py::call_guard<py::gil_scoped_release>())
       .def("set_serving", &Intake::SetServing, py::call_guard<py::gil_scoped_release>())
       .def("fileno", &Intake::EventFd)
-      .def("set_admission", &Intake::SetAdmission, py::arg("sla_s"), py::arg("within_sla"),
+      .def("set_admission", &Intake::SetAdmission, py::arg("sla_s"), py::arg("cap_s"),
            py::arg("margin_s"))
       .def("take", &Intake::Take, py::arg("max_items"))
       .def("finish", &Intake::Finish, py::arg("call_id"), py::arg("code"), py::arg("details"),

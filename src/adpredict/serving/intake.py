@@ -24,7 +24,9 @@ Admission
     one batch's compute (``PredictionServicer.compute_margin_s``, refreshed every
     ``_STATS_INTERVAL_S``). A Predict whose admission budget ends sooner is refused at arrival
     with DEADLINE_EXCEEDED: the budget is its deadline (the SLA if it has none), and with
-    ``admit_within_sla`` no more than the SLA. Under overload the excess is so refused in C++,
+    ``admit_within_sla`` no more than a cap near the SLA (``SlaCap``: it follows the p99 of
+    the admitted calls' time in the server, so that p99 stays within the SLA). An intake with
+    nothing pending refuses nothing. Under overload the excess is so refused in C++,
     without the GIL and without a task, so the Python loop spends itself on admitted calls.
     At light load the oldest call is young and nothing is refused; the servicer's own
     admission (the batcher's predicted answer time) still applies to every call taken.
@@ -46,8 +48,10 @@ import contextlib
 import functools
 import importlib
 import logging
+import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +62,7 @@ from adpredict.serving.codec import lenient_parser
 from adpredict.serving.service import Outcome, PredictionServicer
 from adpredict.v1 import prediction_service_pb2 as pb
 
-__all__ = ["INTAKE_REFUSALS", "NativeFrontend", "available", "unavailable_reason"]
+__all__ = ["INTAKE_REFUSALS", "NativeFrontend", "SlaCap", "available", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,52 @@ INTAKE_REFUSALS = (
 )
 _TAKE_AT_ONCE = 4096  # calls taken per wake-up; more stay queued for the next one
 _STATS_INTERVAL_S = 0.5  # how often C++-side refusals are passed on to the observer
+
+
+class SlaCap:
+    """The cap on admission budgets under ``admit_within_sla``: ``sla_s * scale``.
+
+    The queue's delay at arrival underestimates a call's time in the server (batches form,
+    the loop and TensorFlow share the core), so a cap of exactly the SLA lets the admitted p99
+    exceed it. Every ``update`` (one per stats interval) compares the p99 of the admitted calls'
+    server-side times since the last one with ``target`` * SLA and moves ``scale`` towards it,
+    by at most x0.8 or x1.25, within [``min_scale``, 1]. With fewer than ``min_samples`` calls
+    (light load) the scale recovers x1.25 per update; at light load nothing waits long enough
+    for the cap to matter.
+    """
+
+    def __init__(
+        self,
+        sla_s: float,
+        *,
+        target: float = 0.9,
+        min_scale: float = 0.5,
+        min_samples: int = 100,
+    ) -> None:
+        self.sla_s = sla_s
+        self.scale = 1.0
+        self._target, self._min_scale, self._min_samples = target, min_scale, min_samples
+        self._samples: list[float] = []
+
+    @property
+    def cap_s(self) -> float:
+        return self.sla_s * self.scale
+
+    def observe(self, seconds: float) -> None:
+        """An admitted call was answered OK ``seconds`` after it reached the server."""
+        self._samples.append(seconds)
+
+    def update(self) -> float:
+        """Fold in the calls observed since the last update; return the new cap."""
+        samples, self._samples = self._samples, []
+        if len(samples) < self._min_samples:
+            factor = 1.25
+        else:
+            samples.sort()
+            p99 = samples[min(len(samples) - 1, math.ceil(0.99 * len(samples)) - 1)]
+            factor = self._target * self.sla_s / p99 if p99 > 0 else 1.25
+        self.scale = min(1.0, max(self._min_scale, self.scale * min(1.25, max(0.8, factor))))
+        return self.cap_s
 
 
 def _load_extension() -> tuple[Any, str]:
@@ -155,6 +205,7 @@ class NativeFrontend:
         self._reported: dict[str, int] = {}
         self._stats_task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._cap = SlaCap(servicer.sla_s) if servicer.admit_within_sla else None
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
@@ -234,6 +285,8 @@ class NativeFrontend:
         except Exception as exc:  # a bug here must still answer the call
             logger.exception("native front end failed to answer a call")
             outcome = Outcome(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", None)
+        if self._cap is not None and method == _PREDICT and outcome.response is not None:
+            self._cap.observe(time.monotonic() - received_at)
         code = outcome.code.value[0]
         body = outcome.response.SerializeToString() if outcome.response is not None else b""
         try:
@@ -248,10 +301,8 @@ class NativeFrontend:
             self._publish_admission()
 
     def _publish_admission(self) -> None:
-        servicer = self._servicer
-        self._intake.set_admission(
-            servicer.sla_s, servicer.admit_within_sla, servicer.compute_margin_s()
-        )
+        cap = math.inf if self._cap is None else self._cap.update()
+        self._intake.set_admission(self._servicer.sla_s, cap, self._servicer.compute_margin_s())
 
     def _pass_on_stats(self) -> None:
         stats = self._intake.stats()
