@@ -88,8 +88,10 @@ class SlaCap:
     The queue's delay at arrival underestimates a call's time in the server (batches form,
     the loop and TensorFlow share the core), so a cap of exactly the SLA lets the admitted p99
     exceed it. Every ``update`` (one per stats interval) compares the p99 of the admitted calls'
-    server-side times since the last one with ``target`` * SLA and moves ``scale`` towards it,
-    by at most x0.8 or x1.25, within [``min_scale``, 1]. With fewer than ``min_samples`` calls
+    server-side times since the last one with ``target`` * SLA and moves ``scale`` half-way
+    towards it (geometrically: a window's p99 is noisy), by at most x0.8 or x1.25, within
+    [``min_scale``, 1]. The target leaves a fifth of the SLA to the network and the caller,
+    whose delays the server cannot see. With fewer than ``min_samples`` calls
     (light load) the scale recovers x1.25 per update; at light load nothing waits long enough
     for the cap to matter.
     """
@@ -98,7 +100,7 @@ class SlaCap:
         self,
         sla_s: float,
         *,
-        target: float = 0.9,
+        target: float = 0.8,
         min_scale: float = 0.5,
         min_samples: int = 100,
     ) -> None:
@@ -123,7 +125,7 @@ class SlaCap:
         else:
             samples.sort()
             p99 = samples[min(len(samples) - 1, math.ceil(0.99 * len(samples)) - 1)]
-            factor = self._target * self.sla_s / p99 if p99 > 0 else 1.25
+            factor = math.sqrt(self._target * self.sla_s / p99) if p99 > 0 else 1.25
         self.scale = min(1.0, max(self._min_scale, self.scale * min(1.25, max(0.8, factor))))
         return self.cap_s
 
