@@ -4,7 +4,8 @@ What the shared tests (``bare_servicer`` / ``servers`` run on both front ends: f
 overload, TLS) do not cover: answers identical to the grpc.aio front end's, merging into one
 compute call, health and unknown methods, bytes that are not a message, what the C++ side answers
 itself (overload beyond ``max_pending``, deadlines that pass before Python takes a call, budgets
-shorter than the queue's delay) and how it is counted, shutdown, a port in use, and ``serve --frontend native`` end to end.
+shorter than the queue's delay) and how it is counted, the SLA cap's control, shutdown, a port
+in use, and ``serve --frontend native`` end to end.
 """
 
 from __future__ import annotations

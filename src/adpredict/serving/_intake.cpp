@@ -22,10 +22,10 @@
 // held by Python) is the queue's present delay; a call arriving now is answered about that late
 // (FIFO), plus `margin_s` (Python publishes about one batch's compute). A call whose admission
 // budget ends sooner is refused at arrival: its deadline, or `sla_s` from now if it has none,
-// and never later than `cap_s` from now (Python sets it near the SLA with --admit-within-sla). So under overload the excess is
-// refused here, in microseconds and without the GIL, instead of costing the Python loop a task
-// each; at light load the oldest call is young and nothing is refused. No rate estimate is
-// needed: the rule reads the delay the queue actually has.
+// and never later than `cap_s` from now (Python sets it near the SLA with --admit-within-sla).
+// So under overload the excess is refused here, without the GIL, instead of costing the Python
+// loop a task each; at light load the oldest call is young and nothing is refused. No rate
+// estimate is needed: the rule reads the delay the queue actually has.
 //
 // This module knows nothing of protobuf messages, models or batching: bytes in, bytes out.
 
@@ -73,9 +73,10 @@ constexpr double kNoDeadline = std::numeric_limits<double>::infinity();
 // Asks the kernel for a short time slice (EEVDF, Linux >= 6.12: sched_attr.sched_runtime of a
 // SCHED_OTHER thread) so that this thread, woken by a new call, preempts a busy TensorFlow or
 // Python thread on the same core instead of waiting for its slice to end. Allowed unprivileged;
-// older kernels refuse it, or accept it without effect. Measured on the development VM (one core,
-// two spinning threads, 1 ms sleeps): wake-up lateness p99 0.59 ms with the default slice,
-// 0.10 ms with 100 us. Returns whether the kernel accepted it.
+// older kernels refuse it, or accept it without effect. Its effect is NOT shown:
+// benchmarks/probe_wakeup.c (one core, two spinning threads, 1 ms sleeps) gave wake-up p99 of
+// ~0.1 or ~0.6 ms from run to run with either slice on the development VM, and the overload runs
+// changed other things at the same time. Returns whether the kernel accepted it.
 bool PreferPromptWakeups() {
 #ifdef SYS_sched_setattr
   struct {
@@ -115,7 +116,9 @@ struct Call {
 };
 
 // The done notification's tag: the call's address with the low bit set (Call is aligned).
-void* done_tag(Call* call) { return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(call) | 1); }
+void* done_tag(Call* call) {
+  return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(call) | 1);
+}
 
 constexpr size_t kMaxMethods = 8;
 

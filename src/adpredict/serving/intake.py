@@ -12,8 +12,8 @@ How
     ``max_pending`` calls waiting for or held by Python (RESOURCE_EXHAUSTED), a deadline that
     passed before Python could take the call (DEADLINE_EXCEEDED), shutting down (UNAVAILABLE),
     an unknown method (UNIMPLEMENTED), and a Predict whose budget is shorter than the queue's
-    present delay (DEADLINE_EXCEEDED; see "Admission" below). The rest queue in C++; an eventfd wakes the event loop,
-    which takes the whole queue in one call and runs each call as a task through the same
+    present delay (DEADLINE_EXCEEDED; see "Admission" below). The rest queue in C++; an
+    eventfd wakes the event loop, which takes the whole queue in one call and runs each call as a task through the same
     ``PredictionServicer.predict_outcome`` / ``metadata_outcome`` as the grpc.aio front end, so
     validation, admission, batching, status codes and metrics are the same code. Health is
     grpc++'s ``grpc.health.v1`` service (Check and Watch), set by ``set_serving``.
