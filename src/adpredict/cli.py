@@ -360,8 +360,8 @@ def _add_serve_parsers(sub: Any) -> None:
     p.add_argument(
         "--max-batch-size",
         type=_count(1),
-        default=1024,
-        help="predictions per compute call (default 1024; 1 = no batching)",
+        default=4096,
+        help="predictions per compute call (default 4096; 1 = no batching)",
     )
     p.add_argument(
         "--max-wait-ms",
@@ -406,9 +406,9 @@ def _add_serve_parsers(sub: Any) -> None:
     p.add_argument(
         "--max-concurrent-rpcs",
         type=_count(0),
-        default=10_000,
+        default=16_384,
         help="RPCs in progress at once per worker, beyond which RESOURCE_EXHAUSTED "
-        "(default 10000; 0 = unlimited)",
+        "(default 16384; 0 = unlimited)",
     )
     p.add_argument(
         "--admit-within-sla",

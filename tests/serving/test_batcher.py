@@ -624,6 +624,18 @@ def test_cost_model_with_one_batch_size_matches_it_and_keeps_a_sane_shape() -> N
     assert single.per_item_s / single.fixed_s == pytest.approx(1.5e-6 / 0.0003)
 
 
+def test_cost_model_reports_the_largest_batch_within_its_window() -> None:
+    model = LinearCostModel(
+        fixed_s=0.0003, per_item_s=1.5e-6, window=3, prior_weight=2.0, reference_n=4096
+    )
+    assert model.largest_recent() == 0  # the prior's pseudo-batches do not count
+    for n in (900, 300, 100):
+        model.observe(n, 1e-3)
+    assert model.largest_recent() == 900
+    model.observe(200, 1e-3)  # 900 falls out of the window of three
+    assert model.largest_recent() == 300
+
+
 def test_cost_model_keeps_both_coefficients_non_negative() -> None:
     shrinking = LinearCostModel(
         fixed_s=0.0, per_item_s=0.0, window=10, prior_weight=1e-6, reference_n=100

@@ -442,6 +442,23 @@ async def test_each_batch_uses_the_version_loaded_at_that_moment(
     assert list(first.probabilities) == list(second.probabilities)
 
 
+async def test_compute_margin_follows_the_batches_being_made(
+    runtime: ModelRuntime, direct: tuple[Any, Schema]
+) -> None:
+    """The margin a front end adds to the queue's delay is one batch as large as the largest
+    recent one: a full batch before any was computed, a small one while batches are small."""
+    options = BatcherOptions(max_batch_size=4096, max_wait_s=0.0, safety_margin_s=0.001)
+    async with serving(runtime, options) as (stub, servicer):
+        batcher = servicer.batchers()["small"]  # started with the servicer, nothing computed
+        assert batcher.largest_recent_batch() == 0
+        full = batcher.predicted_compute_s(4096) + 0.001
+        assert servicer.compute_margin_s() == pytest.approx(full)
+        await stub.Predict(to_proto(example(direct[1], 8, seed=11)), timeout=RPC_TIMEOUT_S)
+        assert batcher.largest_recent_batch() == 8
+        assert servicer.compute_margin_s() == pytest.approx(batcher.predicted_compute_s(8) + 0.001)
+        assert servicer.compute_margin_s() < batcher.predicted_compute_s(4096) + 0.001
+
+
 async def test_servicer_rejects_limits_the_batcher_cannot_queue(runtime: ModelRuntime) -> None:
     with pytest.raises(ValueError, match="queue_limit"):
         PredictionServicer(

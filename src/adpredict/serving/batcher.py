@@ -71,9 +71,12 @@ Tuning
       under heavy load batches fill, or form while threads are busy, before it expires. Keep it a
       fraction of the server budget (1-2 ms out of ~5 ms); deadline closing protects tight
       requests whatever the value.
-    * ``max_batch_size``: the smallest size near the top of the model's throughput curve (for the
-      FM on 2 cores, 512 already gives ~1.0M predictions/s and 4096 no more). Larger batches only
-      add latency; one batch's compute should stay well under the budget.
+    * ``max_batch_size``: near the top of the model's throughput curve. For the default DeepFM
+      on one core that is 4096 (668k predictions/s at K = 300 against 528k at 1024, one call
+      6 ms; ``bench_model.py``): a K = 300 request is 300 predictions, so 1024 would merge at
+      most three of them. It bounds a batch only under heavy load (at moderate load batches
+      hold what queued meanwhile), where fewer, larger calls keep the core's throughput up.
+      One batch's compute should stay well under the budget.
     * ``compute_threads``: up to this many batches run at once (TensorFlow releases the GIL).
       Keep threads times TensorFlow intra-op threads near the core count; start with 1 and measure.
       More threads mean more, smaller batches.
@@ -142,7 +145,7 @@ _TIME_EPSILON_S = 1e-9
 class BatcherOptions:
     """How the batcher merges, waits and admits. Sizes are in predictions, times in seconds."""
 
-    max_batch_size: int = 1024  # predictions per compute call; larger requests are split
+    max_batch_size: int = 4096  # predictions per compute call; larger requests are split
     max_wait_s: float = 0.002  # 2 ms: longest the oldest queued request waits for company
     queue_limit: int = 8192  # predictions waiting for compute; beyond it -> OverloadedError
     safety_margin_s: float = 0.001  # 1 ms: predicted compute must end this long before a deadline
@@ -297,6 +300,10 @@ class LinearCostModel:
     def predict(self, n: int) -> float:
         """Predicted seconds to compute a batch of ``n`` predictions (never negative)."""
         return self._per_item_s * n + self._fixed_s
+
+    def largest_recent(self) -> int:
+        """The largest of the last ``window`` observed batches, in predictions (0 if none)."""
+        return int(max((n for n, _, _ in self._samples), default=0))
 
     def observe(self, n: int, seconds: float) -> None:
         """Record that a batch of ``n`` predictions took ``seconds``, and refit."""
@@ -482,6 +489,10 @@ class Batcher(Generic[P, R]):
     def predicted_compute_s(self, n: int) -> float:
         """Predicted seconds to compute a batch of ``n`` predictions, from the cost model."""
         return self._cost.predict(n)
+
+    def largest_recent_batch(self) -> int:
+        """Predictions in the largest of the last ``cost_window`` computed batches (0 if none)."""
+        return self._cost.largest_recent()
 
     async def start(self) -> None:
         """Start the scheduler task and the compute threads on the running event loop."""

@@ -128,7 +128,7 @@ class ServerOptions:
     metrics_host: str = ""  # address of the metrics endpoint; "" = the same as host
     metrics_dir: str = ""  # where workers write metrics (--workers > 1); "" = a private temp dir
     workers: int = 1  # serving processes sharing the port; 1 = no supervisor
-    max_batch_size: int = 1024  # predictions per compute call (1 = every request alone)
+    max_batch_size: int = 4096  # predictions per compute call (1 = every request alone)
     max_wait_ms: float = 0.0  # wait for company while a thread is free (0: continuous batching)
     sla_ms: float = 20.0  # budget of a request that carries no gRPC deadline
     admit_within_sla: bool = False  # refuse requests predicted to answer after sla_ms, too
@@ -139,9 +139,9 @@ class ServerOptions:
     max_candidates: int = 1024  # candidates per request
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit per message
     # RPCs (any method, health included) in progress at once; beyond it RESOURCE_EXHAUSTED.
-    # Above what the batcher can hold with the defaults (8192 queued + 1024 computing K=1
+    # Above what the batcher can hold with the defaults (8192 queued + 4096 computing K=1
     # requests), so it bounds tasks and memory without refusing work the queue would take.
-    max_concurrent_rpcs: int = 10_000  # 0 = unlimited
+    max_concurrent_rpcs: int = 16_384  # 0 = unlimited
     # Who receives RPCs: "grpcio" (grpc.aio on the event loop) or "native" (the C++ intake,
     # adpredict.serving.intake: no reflection; max_concurrent_rpcs bounds calls held by Python).
     frontend: str = "grpcio"

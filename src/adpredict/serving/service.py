@@ -208,10 +208,20 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     def compute_margin_s(self) -> float:
         """How long a request that reaches the head of a queue still takes: the predicted
-        compute of one full batch of the slowest model, plus the batcher's safety margin. A
-        front end that judges admission by the queue's present delay adds this to it."""
+        compute of the batch it joins, plus the batcher's safety margin. A front end that
+        judges admission by the queue's present delay adds this to it.
+
+        That batch is taken as large as the largest recent one (a full batch before any was
+        computed): under overload batches are full, at moderate load a full-size bound would
+        refuse calls that the small batches then being made would answer in time."""
         full = self._options.max_batch_size if self._options.batching else 1
-        compute = max((b.predicted_compute_s(full) for b in self._batchers.values()), default=0.0)
+
+        def joined(batcher: Batcher[ParsedRequest, SliceResult]) -> int:
+            return min(full, batcher.largest_recent_batch() or full)
+
+        compute = max(
+            (b.predicted_compute_s(joined(b)) for b in self._batchers.values()), default=0.0
+        )
         return compute + self._options.safety_margin_s
 
     @property
