@@ -6,6 +6,7 @@ in a subprocess and check its exit status and its one-line error.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from adpredict.cli import build_parser, main
+from adpredict.serving.server import ServerOptions
 
 
 def free_port() -> int:
@@ -113,6 +115,19 @@ def test_env_values_set_defaults_and_flags_win(monkeypatch: pytest.MonkeyPatch) 
     )
     defaults = build_parser().parse_args(["serve", "--model-dir", "m"])
     assert defaults.host == "127.0.0.1" and defaults.metrics_port == 9090
+
+
+def test_serve_flag_defaults_are_the_server_options_defaults() -> None:
+    """The parser repeats ServerOptions' defaults (it must not import the server to build
+    --help); this keeps the two from drifting apart when a default changes."""
+    args = vars(build_parser().parse_args(["serve", "--model-dir", "m"]))
+    intended = {"model_dir", "workers", "default_model"}  # required / "cores" / None = first
+    checked = 0
+    for f in dataclasses.fields(ServerOptions):
+        if f.name in args and f.name not in intended:
+            assert args[f.name] == f.default, f.name
+            checked += 1
+    assert checked >= 20
 
 
 @pytest.mark.parametrize(

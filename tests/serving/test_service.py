@@ -446,7 +446,7 @@ async def test_compute_margin_follows_the_batches_being_made(
     runtime: ModelRuntime, direct: tuple[Any, Schema]
 ) -> None:
     """The margin a front end adds to the queue's delay is one batch as large as the largest
-    recent one: a full batch before any was computed, a small one while batches are small."""
+    recent one: the largest possible before any was computed, a small one while batches are."""
     options = BatcherOptions(max_batch_size=4096, max_wait_s=0.0, safety_margin_s=0.001)
     async with serving(runtime, options) as (stub, servicer):
         batcher = servicer.batchers()["small"]  # started with the servicer, nothing computed
@@ -457,6 +457,15 @@ async def test_compute_margin_follows_the_batches_being_made(
         assert batcher.largest_recent_batch() == 8
         assert servicer.compute_margin_s() == pytest.approx(batcher.predicted_compute_s(8) + 0.001)
         assert servicer.compute_margin_s() < batcher.predicted_compute_s(4096) + 0.001
+    # Unbatched, a call's batch is its whole request: up to max_candidates (512 here) at first.
+    unbatched = BatcherOptions(batching=False, safety_margin_s=0.001)
+    async with serving(runtime, unbatched) as (stub, servicer):
+        batcher = servicer.batchers()["small"]
+        assert servicer.compute_margin_s() == pytest.approx(
+            batcher.predicted_compute_s(512) + 0.001
+        )
+        await stub.Predict(to_proto(example(direct[1], 8, seed=12)), timeout=RPC_TIMEOUT_S)
+        assert servicer.compute_margin_s() == pytest.approx(batcher.predicted_compute_s(8) + 0.001)
 
 
 async def test_servicer_rejects_limits_the_batcher_cannot_queue(runtime: ModelRuntime) -> None:

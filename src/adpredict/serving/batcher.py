@@ -72,10 +72,11 @@ Tuning
       fraction of the server budget (1-2 ms out of ~5 ms); deadline closing protects tight
       requests whatever the value.
     * ``max_batch_size``: near the top of the model's throughput curve. For the default DeepFM
-      on one core that is 4096 (668k predictions/s at K = 300 against 528k at 1024, one call
-      6 ms; ``bench_model.py``): a K = 300 request is 300 predictions, so 1024 would merge at
-      most three of them. It bounds a batch only under heavy load (at moderate load batches
-      hold what queued meanwhile), where fewer, larger calls keep the core's throughput up.
+      on one core that is 4096 (``bench_model.py``: 1.5-1.6 CPU-µs per prediction at 4096
+      against 1.7-1.9 at 1024, one call 6-7 ms): a K = 300 request is 300 predictions, so 1024
+      would merge at most three of them. It bounds a batch only under heavy load (at moderate
+      load batches hold what queued meanwhile), where fewer, larger calls keep the core's
+      throughput up.
       One batch's compute should stay well under the budget.
     * ``compute_threads``: up to this many batches run at once (TensorFlow releases the GIL).
       Keep threads times TensorFlow intra-op threads near the core count; start with 1 and measure.

@@ -211,16 +211,19 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         compute of the batch it joins, plus the batcher's safety margin. A front end that
         judges admission by the queue's present delay adds this to it.
 
-        That batch is taken as large as the largest recent one (a full batch before any was
-        computed): under overload batches are full, at moderate load a full-size bound would
-        refuse calls that the small batches then being made would answer in time."""
-        full = self._options.max_batch_size if self._options.batching else 1
-
-        def joined(batcher: Batcher[ParsedRequest, SliceResult]) -> int:
-            return min(full, batcher.largest_recent_batch() or full)
-
+        That batch is taken as large as the largest recent one: under overload batches are
+        full, and at moderate load a full-size bound would refuse calls that the small batches
+        then being made answer in time. Before any batch was computed it is the largest batch
+        there can be (``max_batch_size``, or without batching one whole request)."""
+        largest = (
+            self._options.max_batch_size if self._options.batching else self._limits.max_candidates
+        )
         compute = max(
-            (b.predicted_compute_s(joined(b)) for b in self._batchers.values()), default=0.0
+            (
+                b.predicted_compute_s(b.largest_recent_batch() or largest)
+                for b in self._batchers.values()
+            ),
+            default=0.0,
         )
         return compute + self._options.safety_margin_s
 
