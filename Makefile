@@ -22,10 +22,10 @@ help:
 	@echo "make proto  - regenerate gRPC code from proto/"
 	@echo "make lint / format / clean"
 
-# The virtualenv is rebuilt only when the package definition or the native intake changes.
+# The virtualenv is rebuilt only when the package definition or a native extension changes.
 # The native intake (src/adpredict/serving/_intake.cpp, `serve --frontend native`) is built when
 # grpc++ is there (native-deps installs Debian's); without it the package installs without it.
-$(STAMP): pyproject.toml setup.py src/adpredict/serving/_intake.cpp | native-deps
+$(STAMP): pyproject.toml setup.py src/adpredict/serving/_intake.cpp src/adpredict/serving/_scan.c | native-deps
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "adpredict needs Python >= 3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools 'pybind11>=2.10'

@@ -1,10 +1,14 @@
-"""Builds the optional native gRPC intake (``adpredict.serving._intake``).
+"""Builds the optional native parts: the gRPC intake and the codec's value scan.
 
-Everything else about the package is in pyproject.toml. The extension needs grpc++ (Debian:
-``libgrpc++-dev``, found with ``pkg-config grpc++``) and pybind11. Without them the package
-installs without it and ``adpredict serve`` uses the grpc.aio front end; ``make`` installs
-them (``make native-deps``). ``ADPREDICT_NATIVE=0`` skips the build, ``=1`` makes a failed
-build an error.
+Everything else about the package is in pyproject.toml.
+
+* ``adpredict.serving._intake`` needs grpc++ (Debian: ``libgrpc++-dev``, found with
+  ``pkg-config grpc++``) and pybind11. Without them the package installs without it and
+  ``adpredict serve`` uses the grpc.aio front end; ``make`` installs them (``make native-deps``).
+* ``adpredict.serving._scan`` needs only a C compiler and Python's headers. Without it the
+  codec checks values in Python (same results, ~100 µs more per K = 300 request).
+
+``ADPREDICT_NATIVE=0`` skips both, ``=1`` makes a failed build an error.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ def native_extensions() -> list[Extension]:
     wanted = os.environ.get("ADPREDICT_NATIVE", "auto")
     if wanted == "0":
         return []
+    scan = Extension(
+        "adpredict.serving._scan",
+        ["src/adpredict/serving/_scan.c"],
+        extra_compile_args=["-O2", "-fvisibility=hidden"],
+        optional=wanted != "1",
+    )
     try:
         import pybind11
 
@@ -37,8 +47,9 @@ def native_extensions() -> list[Extension]:
         if wanted == "1":
             raise SystemExit(f"ADPREDICT_NATIVE=1 but the native intake cannot be built: {exc}")
         print(f"adpredict: building without the native intake ({exc})", file=sys.stderr)
-        return []
+        return [scan]
     return [
+        scan,
         Extension(
             "adpredict.serving._intake",
             ["src/adpredict/serving/_intake.cpp"],

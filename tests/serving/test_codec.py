@@ -6,9 +6,12 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adpredict.errors import InvalidRequestError, ModelError
 from adpredict.schema import Schema
+from adpredict.serving import codec as codec_module
 from adpredict.serving.batcher import Slice
 from adpredict.serving.codec import (
     REQUEST_INDEX,
@@ -50,9 +53,10 @@ SCHEMA = Schema.from_dict(
 LIMITS = CodecLimits(max_candidates=5, max_value_bytes=256)
 
 
-@pytest.fixture
-def codec() -> RequestCodec:
-    return RequestCodec(SCHEMA, LIMITS)
+@pytest.fixture(params=["native", "python"])
+def codec(request: pytest.FixtureRequest) -> RequestCodec:
+    """Every codec test runs with the C value scan (when built) and with the Python checks."""
+    return RequestCodec(SCHEMA, LIMITS, native=request.param == "native")
 
 
 def request(
@@ -353,3 +357,71 @@ def test_lenient_parser_turns_undecodable_bytes_into_an_invalid_request() -> Non
         message = str(info.value)
         assert message.startswith(f"request: the {len(raw)} bytes received are not a valid ")
         assert "adpredict.v1.PredictRequest" in message and reason in message
+
+
+# ------------------------------------------------------------------- the C value scan (_scan)
+
+_scan = codec_module._native_scan
+needs_scan = pytest.mark.skipif(_scan is None, reason="adpredict.serving._scan is not built")
+# Values near the edges of what the checks accept: numbers of every shape, signs, dots,
+# exponents, spaces, nan/inf, NUL and non-ASCII bytes, empty and over-long values.
+_ALPHABET = b"0123456789.+-eE xn\x00\xff"
+_value = st.one_of(
+    st.binary(max_size=6).map(lambda b: bytes(_ALPHABET[x % len(_ALPHABET)] for x in b)),
+    st.integers(0, 45).map(lambda n: b"9" * n),
+    st.integers(0, 45).map(lambda n: b"1." + b"0" * n),
+    st.sampled_from([b"", b".", b"-", b"+.5", b"5.", b"1e38", b"3.5e38", b"inf", b"nan"]),
+    st.binary(min_size=8, max_size=10),
+)
+
+
+def python_check(values: list[bytes], limit: int, allow_empty: bool, numeric: bool) -> int:
+    """The Python checks' verdict on a column: its empties, or -1 if it is refused."""
+    slow = RequestCodec(SCHEMA, CodecLimits(max_value_bytes=limit), native=False)
+    try:
+        return slow._check("c", values, allow_empty=allow_empty, numeric=numeric)
+    except InvalidRequestError:
+        return -1
+
+
+@needs_scan
+@settings(max_examples=3000, deadline=None)
+@given(
+    values=st.lists(_value, max_size=6),
+    limit=st.integers(1, 12),
+    allow_empty=st.booleans(),
+    numeric=st.booleans(),
+)
+def test_scan_never_passes_what_the_python_checks_refuse(
+    values: list[bytes], limit: int, allow_empty: bool, numeric: bool
+) -> None:
+    fast = _scan(values, limit, allow_empty, numeric)
+    slow = python_check(values, limit, allow_empty, numeric)
+    if fast >= 0:  # vouched for: the Python checks accept it too, with the same empty count
+        assert slow == fast
+    # and whatever the scan sends on, the codec's answer is the Python checks' answer
+    both = RequestCodec(SCHEMA, CodecLimits(max_value_bytes=limit))
+    try:
+        got = both._check("c", values, allow_empty=allow_empty, numeric=numeric)
+    except InvalidRequestError:
+        got = -1
+    assert got == slow
+
+
+@needs_scan
+def test_scan_settles_the_common_columns_itself() -> None:
+    """The fast path is taken for ordinary ids and prices (else it would gain nothing)."""
+    ids = [b"cr-%d" % i for i in range(300)]
+    assert _scan(ids, 256, True, False) == 0
+    assert _scan([*ids[:5], b"", b""], 256, True, False) == 2
+    assert _scan([b"4.36", b"0.81", b"12", b"-.5", b"+3.", b""], 256, True, True) == 1
+    assert _scan([b"9" * 38], 256, False, True) == 0
+    # left to the Python checks: exponents, 39+ digit numbers, empties where not allowed,
+    # over-long values, and anything that is not exactly a list of bytes
+    assert _scan([b"1e5"], 256, True, True) == -1
+    assert _scan([b"9" * 39], 256, True, True) == -1
+    assert _scan([b""], 256, False, False) == -1
+    assert _scan([b"x" * 257], 256, True, False) == -1
+    assert _scan([bytearray(b"x")], 256, True, False) == -1
+    with pytest.raises(TypeError):
+        _scan((b"x",), 256, True, False)

@@ -15,10 +15,13 @@
 * ``split(probabilities, slices)`` cuts the model's ``[B]`` output back into one array per slice.
 
 The wire layout is columnar (see ``proto/adpredict/v1/prediction_service.proto``), so the work
-per request is a fixed number of C-level calls per field (``repeated[:]`` copies,
-``max(map(len, ...))``, bytes ``translate``/``count`` over a joined numeric column, a regex only
-for signs and exponents); nothing loops over candidates in Python. No TensorFlow import: the
-runtime owns every TF call.
+per request is a fixed number of C-level calls per field; nothing loops over candidates in
+Python. Each column's values are checked by ``_scan.scan`` (one C loop: lengths, empties, short
+plain decimals) when the extension is built; a column it cannot vouch for, and every column
+without it, takes the Python checks (``max(map(len, ...))``, bytes ``translate``/``count`` over
+a joined numeric column, a regex only for signs and exponents), which also name the offending
+value. Both accept exactly the same requests. No TensorFlow import: the runtime owns every TF
+call.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ import numpy as np
 from adpredict.errors import InvalidRequestError, ModelError
 from adpredict.schema import Field, Schema
 from adpredict.serving.batcher import Slice
+
+try:  # the C fast path of the value checks (setup.py builds it; see _scan.c)
+    from adpredict.serving._scan import scan as _native_scan
+except ImportError:  # no C compiler at install time: the Python checks do it all
+    _native_scan = None
 
 __all__ = [
     "REQUEST_INDEX",
@@ -150,16 +158,18 @@ def _readonly(array: np.ndarray) -> np.ndarray:
 
 
 def _object_array(values: list[bytes]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
+    return np.fromiter(values, dtype=object, count=len(values))  # no per-item shape discovery
 
 
 class RequestCodec:
     """Validates ``PredictRequest``s for one schema and merges them into model feeds."""
 
-    def __init__(self, schema: Schema, limits: CodecLimits | None = None) -> None:
+    def __init__(
+        self, schema: Schema, limits: CodecLimits | None = None, *, native: bool = True
+    ) -> None:
+        """``native=False`` ignores the C fast path (``_scan``), to test the Python checks."""
         self.schema = schema
+        self._scan = _native_scan if native else None
         self.limits = limits if limits is not None else CodecLimits()
         self.fingerprint = schema.fingerprint()
         self._context = {f.name: f for f in schema.context_fields}
@@ -243,7 +253,7 @@ class RequestCodec:
                 raise InvalidRequestError(
                     f"{where}: {n} values, more than max_values={field.max_values}"
                 )
-            self._check_values(where, values, allow_empty=False)
+            self._check(where, values, allow_empty=False, numeric=False)
             if n == 0:
                 return self._absent_context[field.name], 1
             row = np.empty((1, n), dtype=object)
@@ -256,9 +266,7 @@ class RequestCodec:
             )
         if n == 0 or not values[0]:
             return self._absent_context[field.name], 1
-        self._check_values(where, values, allow_empty=False, indexed=False)
-        if field.is_numeric:
-            self._check_numbers(where, values, indexed=False)
+        self._check(where, values, allow_empty=False, numeric=field.is_numeric, indexed=False)
         return _object_array(values), 0
 
     def _decode_column(
@@ -276,10 +284,8 @@ class RequestCodec:
                     f"{where}: {len(values)} values for {k} candidates (one value per candidate; "
                     f"'' for missing)"
                 )
-            self._check_values(where, values, allow_empty=True)
-            if field.is_numeric:
-                self._check_numbers(where, values)
-            return _object_array(values), values.count(b"")
+            empty = self._check(where, values, allow_empty=True, numeric=field.is_numeric)
+            return _object_array(values), empty
         if not counts and not values:
             return np.full((k, 1), b"", dtype=object), k
         counts = counts[:]
@@ -301,13 +307,40 @@ class RequestCodec:
                 f"{where}: counts sum to {total} but {len(values)} values were sent"
             )
         ends = np.cumsum(per_row)
-        self._check_values(where, values, allow_empty=False, row_ends=ends)
+        self._check(where, values, allow_empty=False, numeric=False, row_ends=ends)
         out = np.full((k, max(widest, 1)), b"", dtype=object)
         starts = ends - per_row
         rows = np.repeat(np.arange(k), per_row)
         cols = np.arange(total) - np.repeat(starts, per_row)
         out[rows, cols] = _object_array(values)
         return out, int(np.count_nonzero(per_row == 0))
+
+    def _check(
+        self,
+        where: str,
+        values: list[bytes],
+        *,
+        allow_empty: bool,
+        numeric: bool,
+        indexed: bool = True,
+        row_ends: np.ndarray | None = None,
+    ) -> int:
+        """Every value checked (see ``_check_values``, ``_check_numbers``); the empties counted.
+
+        The C scan settles a column that certainly passes; any other (too long, empty where not
+        allowed, a number it does not vouch for) goes to the Python checks, which raise with
+        the offending value's position or accept it (e.g. ``1e5``).
+        """
+        if self._scan is not None:
+            empty = self._scan(values, self.limits.max_value_bytes, allow_empty, numeric)
+            if empty >= 0:
+                return empty
+        self._check_values(
+            where, values, allow_empty=allow_empty, indexed=indexed, row_ends=row_ends
+        )
+        if numeric:
+            self._check_numbers(where, values, indexed=indexed)
+        return values.count(b"") if allow_empty else 0
 
     def _check_values(
         self,

@@ -292,10 +292,7 @@ class LoadedModel:
                 f"has unknown inputs {extra}"
             )
         try:
-            args = [
-                tf.constant(feed[k], dtype=dtype)
-                for k, dtype in zip(self._order, self._dtypes, strict=True)
-            ]
+            args = [_tensor(feed[k], d) for k, d in zip(self._order, self._dtypes, strict=True)]
             result = self._call(args)
         except (tf.errors.OpError, ValueError, TypeError) as exc:
             rows = len(feed[REQUEST_INDEX]) if REQUEST_INDEX in feed else "?"
@@ -316,9 +313,7 @@ class LoadedModel:
         """Switch to the flat call if it answers exactly like the keyword call (see module doc)."""
         if not hasattr(self._fn, "_call_flat"):
             return False
-        args = [
-            tf.constant(feed[k], dtype=d) for k, d in zip(self._order, self._dtypes, strict=True)
-        ]
+        args = [_tensor(feed[k], d) for k, d in zip(self._order, self._dtypes, strict=True)]
         try:
             fast = self._call_flat(args).numpy()
         except Exception as exc:  # a private API changed shape: stay on the public call
@@ -431,6 +426,18 @@ def _warm_up(model: LoadedModel, batches: int) -> None:
             )
         if not (np.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()):
             raise ModelError(f"{model.path}: warm-up returned probabilities outside [0, 1] or NaN")
+
+
+def _tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
+    """``tf.constant``; object arrays (the string inputs) go through ``tolist()`` first.
+
+    TensorFlow converts a numpy object array item by item through numpy's generic iterator
+    (~15 ns per string here); ``tolist()`` plus its list path costs ~11 ns, which is ~100 µs
+    of a 31,000-string K = 300 batch (benchmarks/bench_model.py measures the whole call).
+    """
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return tf.constant(value.tolist(), dtype=dtype)
+    return tf.constant(value, dtype=dtype)
 
 
 def _first_line(exc: BaseException) -> str:
