@@ -6,7 +6,8 @@ Everything else about the package is in pyproject.toml.
   ``pkg-config grpc++``) and pybind11. Without them the package installs without it and
   ``adpredict serve`` uses the grpc.aio front end; ``make`` installs them (``make native-deps``).
 * ``adpredict.serving._scan`` needs only a C compiler and Python's headers. Without it the
-  codec checks values in Python (same results, ~100 µs more per K = 300 request).
+  codec checks values in Python (same results; decode measured 337 against 200 µs per
+  K = 300 request).
 
 ``ADPREDICT_NATIVE=0`` skips both, ``=1`` makes a failed build an error.
 """

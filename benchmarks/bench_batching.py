@@ -336,16 +336,18 @@ def format_row(r: dict[str, Any]) -> str:
 def measure_ceiling(args: argparse.Namespace, stem: Path) -> dict[str, Any]:
     """bench_model.py on the server's first core (batches 1024..4096: where the ceiling is)."""
     cpu = args.server_cpus.replace("-", ",").split(",")[0]
-    cmd = ["taskset", "-c", args.server_cpus, sys.executable,  # this process is on the client's
+    # taskset: this process runs pinned to the client's CPUs, and bench_model may only pin
+    # itself to a CPU it is allowed
+    cmd = ["taskset", "-c", args.server_cpus, sys.executable,
            str(ROOT / "benchmarks/bench_model.py"), "--model-dir",
            str(args.model_dir), "--k", ",".join(map(str, args.k)), "--batch-sizes",
            "1024,2048,4096", "--cpu", cpu, "--out", str(stem)]  # fmt: skip
     if args.quick:
         cmd.append("--quick")
     subprocess.run(cmd, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    data = json.loads(Path(f"{stem}.json").read_text())
-    return {"file": f"{stem}.json", "quick": args.quick, "ceiling": data["ceiling"],
-            "model": data.get("model"), "command": shlex.join(cmd)}  # fmt: skip
+    ceiling = read_ceiling(Path(f"{stem}.json"))
+    assert ceiling is not None, f"bench_model wrote no {stem}.json"
+    return {**ceiling, "command": shlex.join(cmd)}
 
 
 def best_ceiling(runs: list[dict[str, Any]]) -> dict[str, Any]:
