@@ -25,11 +25,12 @@ help:
 # The virtualenv is rebuilt only when the package definition or a native extension changes.
 # The native intake (src/adpredict/serving/_intake.cpp, `serve --frontend native`) is built when
 # grpc++ is there (native-deps installs Debian's); without it the package installs without it.
-# The codec's value scan (src/adpredict/serving/_scan.c) needs only a C compiler.
-$(STAMP): pyproject.toml setup.py src/adpredict/serving/_intake.cpp src/adpredict/serving/_scan.c | native-deps
+# The codec's value scan (src/adpredict/serving/_scan.c) needs only a C compiler; its wire
+# decoder (_wire.c) also numpy's headers, so numpy is installed before the package is built.
+$(STAMP): pyproject.toml setup.py $(wildcard src/adpredict/serving/_*.c src/adpredict/serving/_*.h src/adpredict/serving/_*.cpp) | native-deps
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "adpredict needs Python >= 3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools 'pybind11>=2.10'
+	$(PY) -m pip install --quiet --upgrade pip setuptools 'pybind11>=2.10' 'numpy>=1.26,<3'
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	@touch $(STAMP)
 

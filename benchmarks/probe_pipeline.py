@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/probe_pipeline.py --model-dir models --k 300 --requests-per-batch 2
 
 The server's own code path on pre-serialized requests from the load generator's pool
-(``adpredict.loadtest.build_pool``): parse the bytes (``lenient_parser``), validate and decode
-(``RequestCodec.decode``), merge ``--requests-per-batch`` requests into one feed, predict
-(``LoadedModel.predict``: the tensors built from the arrays and the TensorFlow call), split,
-build each ``PredictResponse`` and serialize it. Each stage is timed with process CPU time
-(``time.process_time``, all threads, so TensorFlow's executor threads count), summed over
-``--batches`` batches. Pin it to one core (``taskset -c 1``) to compare with a server pinned
-to one core. The difference between a server's CPU per request and this sum is what serving
+(``adpredict.loadtest.build_pool``): parse the bytes (``predict_parser``: the header, or upb
+for unusual bytes), validate and decode (``RequestCodec.decode``: from the bytes, in C), merge
+``--requests-per-batch`` requests into one feed, predict (``LoadedModel.predict``: the tensors
+built from the arrays and the TensorFlow call), split, build each ``PredictResponse`` and
+serialize it. Each stage is timed with process CPU time (``time.process_time``, all threads,
+so TensorFlow's executor threads count), summed over ``--batches`` batches. Pin it to one
+core (``taskset -c 1``) to compare with a server pinned to one core. The difference between a server's CPU per request and this sum is what serving
 adds: gRPC and the kernel's loopback TCP, the event loop, the batcher and thread hand-offs.
 """
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from adpredict.loadtest import CandidateSpec, build_pool
-    from adpredict.serving.codec import CodecLimits, RequestCodec, lenient_parser
+    from adpredict.serving.codec import CodecLimits, RequestCodec, predict_parser
     from adpredict.serving.runtime import load_version
     from adpredict.v1 import prediction_service_pb2 as pb
     from bench_model import find_version_dir  # benchmarks/ is not a package
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = build_pool(model.schema, CandidateSpec.parse(str(args.k)), 64,
                       max_candidates=max(args.k, 1024), seed=1)  # fmt: skip
     codec = RequestCodec(model.schema, CodecLimits(max_candidates=max(args.k, 1024)))
-    parse = lenient_parser(pb.PredictRequest)
+    parse = predict_parser()  # what both front ends deserialize Predict with
     spent = dict.fromkeys(STAGES, 0.0)
     clock = time.process_time
     requests = 0

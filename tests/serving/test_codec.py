@@ -19,7 +19,9 @@ from adpredict.serving.codec import (
     ParsedRequest,
     RequestCodec,
     Undecodable,
+    WireRequest,
     lenient_parser,
+    predict_parser,
     require_decoded,
 )
 from adpredict.v1 import prediction_service_pb2 as pb
@@ -53,9 +55,21 @@ SCHEMA = Schema.from_dict(
 LIMITS = CodecLimits(max_candidates=5, max_value_bytes=256)
 
 
-@pytest.fixture(params=["native", "python"])
+class WireCodec(RequestCodec):
+    """Decodes each message from its wire bytes (``predict_parser``), as the servers do."""
+
+    def decode(self, request: object) -> ParsedRequest:
+        if isinstance(request, pb.PredictRequest):
+            request = predict_parser()(request.SerializeToString())
+        return super().decode(request)
+
+
+@pytest.fixture(params=["wire", "native", "python"])
 def codec(request: pytest.FixtureRequest) -> RequestCodec:
-    """Every codec test runs with the C value scan (when built) and with the Python checks."""
+    """Every codec test runs from wire bytes (C decoder, when built), from a message with the
+    C value scan (when built), and from a message with the Python checks alone."""
+    if request.param == "wire":
+        return WireCodec(SCHEMA, LIMITS)
     return RequestCodec(SCHEMA, LIMITS, native=request.param == "native")
 
 
@@ -425,3 +439,202 @@ def test_scan_settles_the_common_columns_itself() -> None:
     assert _scan([bytearray(b"x")], 256, True, False) == -1
     with pytest.raises(TypeError):
         _scan((b"x",), 256, True, False)
+
+
+# --------------------------------------------------------------- the C wire decoder (_wire)
+
+_wire = codec_module._wire
+needs_wire = pytest.mark.skipif(_wire is None, reason="adpredict.serving._wire is not built")
+_SLOW = RequestCodec(SCHEMA, LIMITS, native=False)
+_FAST = RequestCodec(SCHEMA, LIMITS)
+_NAMES = ["site", "segs", "temp", "ad", "tags", "bid", "nope", "sité"]
+
+
+def outcome(codec: RequestCodec, request: object) -> tuple[object, ...]:
+    """What decode made of a request: its arrays, or the error's message."""
+    try:
+        require_decoded(request)
+        parsed = codec.decode(request)
+    except InvalidRequestError as exc:
+        return ("refused", str(exc))
+    arrays = {
+        f"{scope}.{name}": (a.shape, a.dtype, a.tolist())
+        for scope, d in (("context", parsed.context), ("candidates", parsed.candidates))
+        for name, a in d.items()
+    }
+    return ("decoded", parsed.size, parsed.missing, arrays)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> bytes:
+    """A PredictRequest's bytes: right or wrong in every way the codec checks, and in the
+    wire shapes protobuf allows that _wire.header leaves to upb."""
+    k = draw(st.integers(0, 6))
+    msg = pb.PredictRequest(num_candidates=k, model=draw(st.sampled_from(["", "m"])))
+    for name in draw(st.lists(st.sampled_from(_NAMES), max_size=4)):
+        msg.context[name].values.extend(draw(st.lists(_value, max_size=4)))
+    for name in draw(st.lists(st.sampled_from(_NAMES), max_size=4)):
+        column = msg.candidates[name]
+        n = draw(st.one_of(st.just(k), st.integers(0, 7)))
+        column.values.extend(draw(st.lists(_value, min_size=n, max_size=n)))
+        if draw(st.booleans()):
+            column.counts.extend(draw(st.lists(st.integers(0, 3), min_size=0, max_size=7)))
+    data = msg.SerializeToString()
+    tail = draw(
+        st.sampled_from(["none", "merge", "unknown", "unpacked", "bad_utf8", "cut", "garbage"])
+    )
+    if tail == "merge":  # a second message: scalars replaced, map entries replaced by key
+        data += draw(_messages())
+    elif tail == "unknown":
+        data += b"\x48" + _varint(draw(st.integers(0, 2**40)))  # field 9, varint
+    elif tail == "unpacked":  # candidates['tags'] with counts = 2 unpacked
+        column = b"\x0a\x01t\x10\x01"
+        entry = b"\x0a\x04tags\x12" + _varint(len(column)) + column
+        data += b"\x2a" + _varint(len(entry)) + entry
+    elif tail == "bad_utf8":
+        data += b"\x0a\x02\xc3\x28"  # request_id
+    elif tail == "cut" and data:
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif tail == "garbage":
+        data += draw(st.binary(max_size=8))
+    return data
+
+
+_id = st.sampled_from([b"a", b"bb", b"x" * 256, b"\xff\x00\n", b"1", b""])
+_number = st.sampled_from([b"", b"1.5", b"-3", b".5", b"+2.", b"9" * 38, b"1e5"])
+
+
+@st.composite
+def _usual_messages(draw: st.DrawFn) -> bytes:
+    """A request as a client writes it: valid, with some fields absent, empty or at a limit
+    (and now and then an exponent, which the C decoder leaves to the Python checks)."""
+    k = draw(st.integers(1, 5))
+    msg = pb.PredictRequest(num_candidates=k, request_id=draw(st.sampled_from(["", "r", "é"])))
+    if draw(st.booleans()):
+        msg.context["site"].values.extend(draw(st.lists(_id, max_size=1)))
+    if draw(st.booleans()):
+        msg.context["segs"].values.extend(draw(st.lists(_id.filter(bool), max_size=3)))
+    if draw(st.booleans()):
+        msg.context["temp"].values.extend(draw(st.lists(_number, max_size=1)))
+    if draw(st.booleans()):
+        msg.candidates["ad"].values.extend(draw(st.lists(_id, min_size=k, max_size=k)))
+    if draw(st.booleans()):
+        counts = draw(st.lists(st.integers(0, 2), min_size=k, max_size=k))
+        n = sum(counts)
+        msg.candidates["tags"].counts.extend(counts)
+        msg.candidates["tags"].values.extend(
+            draw(st.lists(_id.filter(bool), min_size=n, max_size=n))
+        )
+    if draw(st.booleans()):
+        msg.candidates["bid"].values.extend(draw(st.lists(_number, min_size=k, max_size=k)))
+    return msg.SerializeToString()
+
+
+@needs_wire
+@settings(max_examples=3000, deadline=None)
+@given(data=st.one_of(_usual_messages(), _messages()))
+def test_wire_decoder_answers_exactly_as_upb_and_the_python_checks(data: bytes) -> None:
+    """From bytes, the servers' path (predict_parser + the C decoder, falling back to upb and
+    the Python checks) gives the same arrays or the same error as upb + the Python checks."""
+    wire = predict_parser()(data)
+    parsed = lenient_parser(pb.PredictRequest)(data)
+    if isinstance(wire, WireRequest):  # header vouched: upb parses it, to the same header
+        assert isinstance(parsed, pb.PredictRequest)
+        assert (wire.request_id, wire.model) == (parsed.request_id, parsed.model)
+        assert wire.num_candidates == parsed.num_candidates
+    assert outcome(_FAST, wire) == outcome(_SLOW, parsed)
+
+
+def _wire_bytes(req: pb.PredictRequest) -> bytes:
+    data = req.SerializeToString()
+    assert _wire.header(data) is not None
+    return data
+
+
+@needs_wire
+def test_wire_decoder_settles_ordinary_requests_itself() -> None:
+    """The fast path is taken for ordinary requests (else it would gain nothing)."""
+    req = request(k=3)
+    req.request_id, req.model = "r-1", "ctr"
+    data = _wire_bytes(req)
+    assert _wire.header(data) == ("r-1", "ctr", 3)
+    arrays = _wire.decode(data, _FAST._wire_plan, 3)
+    assert arrays is not None
+    context, candidates, missing = arrays
+    assert candidates["tags"].tolist() == [[b"t"], [b"t"], [b"t"]]
+    assert context["segs"].tolist() == [[b"a", b"b"]] and missing == 0
+    absent = request(k=2, context={}, columns={})
+    assert _wire.decode(_wire_bytes(absent), _FAST._wire_plan, 2) is not None
+    # left to upb and the Python checks: what they refuse, and numbers with exponents
+    exponent = request(k=1, columns={"bid": ([b"1e3"], [])})
+    assert _wire.decode(_wire_bytes(exponent), _FAST._wire_plan, 1) is None
+    unknown = request(k=1, columns={"nope": ([b"x"], [])})
+    assert _wire.decode(_wire_bytes(unknown), _FAST._wire_plan, 1) is None
+
+
+@needs_wire
+@pytest.mark.parametrize(
+    ("tail", "what"),
+    [
+        (b"\x0a\x01x", "request_id twice"),
+        (b"\x20\x01", "num_candidates twice"),
+        (b"\x48\x01", "an unknown field"),
+        (b"\x1a\x0b\x0a\x05sit\xc3\xa9\x12\x02\x0a\x00", "a non-ASCII key"),
+        (b"\x2a\x0d\x0a\x04tags\x12\x05\x0a\x01t\x10\x01", "unpacked counts"),
+        (b"\x12\x02\xc3\x28", "model not UTF-8"),
+        (b"\x2a\x06\x0a\x04tags", "a map entry without a value"),
+        (b"\x00", "a zero tag"),
+        (b"\x1a\x0b\x0a\x04site\x12\x03\x0a\x01y", "a context key twice (seen by decode)"),
+    ],
+)
+def test_unusual_wire_shapes_are_left_to_upb(tail: bytes, what: str) -> None:
+    req = request(k=1, context={"site": [b"s"]}, columns={"ad": ([b"a"], [])})
+    req.request_id = "r"
+    assert _wire.header(req.SerializeToString()) == ("r", "", 1)
+    data = req.SerializeToString() + tail
+    if "decode" in what:
+        assert _wire.decode(data, _FAST._wire_plan, 1) is None
+    else:
+        assert _wire.header(data) is None, what
+    parsed = predict_parser()(data)
+    expected = lenient_parser(pb.PredictRequest)(data)
+    assert outcome(_FAST, parsed) == outcome(_SLOW, expected)
+
+
+@needs_wire
+def test_wire_decoder_leaks_nothing() -> None:
+    """Every array and value it makes is freed, on the fast path and when it gives up."""
+    import tracemalloc
+
+    good = _wire_bytes(request(k=5))
+    late = _wire_bytes(request(k=5, columns={"ad": ([b"a"] * 5, []), "bid": ([b"1e1"] * 5, [])}))
+    plan = _FAST._wire_plan
+    for data in (good, late):
+        for _ in range(200):
+            _wire.decode(data, plan, 5)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(5000):
+            _wire.decode(data, plan, 5)
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert grown < 20_000, f"{grown} bytes still held after 5,000 decodes"
+
+
+@needs_wire
+def test_wire_plan_refuses_a_bad_schema_description() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        _wire.Plan([(b"a", 7, 1, np.array([b""], dtype=object))], [], 256)
+    with pytest.raises(TypeError):
+        _wire.Plan([("a", 0, 1, None)], [], 256)
+    with pytest.raises(ValueError, match="PyCapsule"):  # not a Plan
+        _wire.decode(b"", object(), 1)

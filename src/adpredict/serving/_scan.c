@@ -24,30 +24,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#define SAFE_DECIMAL_BYTES 38 /* a plain decimal this short is below 1e38 < FLT_MAX */
-
-/* Whether s[0:n] (n >= 1) is a plain decimal of at most SAFE_DECIMAL_BYTES bytes. */
-static int safe_decimal(const char *s, Py_ssize_t n) {
-    if (n > SAFE_DECIMAL_BYTES) {
-        return 0;
-    }
-    Py_ssize_t i = 0;
-    if (s[0] == '+' || s[0] == '-') {
-        i = 1;
-    }
-    int digits = 0, dots = 0;
-    for (; i < n; i++) {
-        char c = s[i];
-        if (c >= '0' && c <= '9') {
-            digits++;
-        } else if (c == '.' && dots == 0) {
-            dots = 1;
-        } else {
-            return 0;
-        }
-    }
-    return digits > 0;
-}
+#include "_values.h"
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     PyObject *values;

@@ -58,7 +58,7 @@ from typing import Any
 import grpc
 
 from adpredict.errors import StartupError
-from adpredict.serving.codec import lenient_parser
+from adpredict.serving.codec import lenient_parser, predict_parser
 from adpredict.serving.service import Outcome, PredictionServicer
 from adpredict.v1 import prediction_service_pb2 as pb
 
@@ -187,7 +187,7 @@ class NativeFrontend:
                 f"install grpc++ (make native-deps) and reinstall, or use --frontend grpcio"
             )
         self._servicer = servicer
-        self._parse_predict = lenient_parser(pb.PredictRequest)
+        self._parse_predict = predict_parser()
         self._parse_metadata = lenient_parser(pb.GetModelMetadataRequest)
         self._intake = _intake.Intake(
             address,

@@ -48,7 +48,9 @@ from adpredict.serving.codec import (
     ParsedRequest,
     RequestCodec,
     Undecodable,
+    WireRequest,
     lenient_parser,
+    predict_parser,
     require_decoded,
 )
 from adpredict.v1 import prediction_service_pb2 as pb
@@ -234,12 +236,13 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register on ``server``, as the generated code would, except that requests are parsed
-        leniently (``codec.lenient_parser``): bytes that are not a valid message are answered
-        INVALID_ARGUMENT by the RPC, instead of gRPC's UNKNOWN from a failing deserializer."""
+        leniently (``codec.predict_parser``, ``codec.lenient_parser``): bytes that are not a valid
+        message are answered INVALID_ARGUMENT by the RPC, instead of gRPC's UNKNOWN from a
+        failing deserializer, and a Predict in the usual shape stays bytes until decoded."""
         handlers = {
             "Predict": grpc.unary_unary_rpc_method_handler(
                 self.Predict,
-                request_deserializer=lenient_parser(pb.PredictRequest),
+                request_deserializer=predict_parser(),
                 response_serializer=pb.PredictResponse.SerializeToString,
             ),
             "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
@@ -276,7 +279,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     async def predict_outcome(
         self,
-        request: pb.PredictRequest | Undecodable,
+        request: pb.PredictRequest | WireRequest | Undecodable,
         *,
         budget_s: float | None,
         started: float | None = None,
@@ -299,7 +302,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     async def _predict(
         self,
-        request: pb.PredictRequest | Undecodable,
+        request: pb.PredictRequest | WireRequest | Undecodable,
         budget_s: float | None,
         started: float | None,
     ) -> Outcome:

@@ -1,0 +1,628 @@
+/* PredictRequest wire bytes -> the codec's arrays in one pass (adpredict.serving._wire).
+ *
+ * Why: in a K = 300 request nearly all the decode time went to objects made and dropped on the
+ * way: upb's parse, a Python list per column (`values[:]`, one bytes object per value), and
+ * then the numpy object array built from that list. Here the values go from the wire bytes
+ * straight into the arrays RequestCodec.decode returns.
+ *
+ * This is a fast path only, like _scan.c: it answers for requests in the usual shape that
+ * certainly pass the codec's checks, and returns None for anything else, which then takes the
+ * full path (upb parse + RequestCodec's Python checks, which name the offending field). "The
+ * usual shape" is what every protobuf serializer writes for a valid request: the known fields
+ * only, each singular field at most once, map entries with exactly a key and a value, each map
+ * key once, counts packed in one run, ASCII map keys, UTF-8 strings. Duplicates, unknown
+ * fields, unpacked counts and the like are legal protobuf that upb resolves (last one wins,
+ * skipped, ...); they go to the full path rather than be reimplemented here.
+ *
+ * header(data) -> (request_id, model, num_candidates) or None
+ *   Walks the whole message (nested messages included) and checks it is in the usual shape;
+ *   None if not (or if it is not valid protobuf at all). When this passes, upb parses the same
+ *   bytes to a message with these three fields and the same map contents.
+ *
+ * Plan(context, candidates, max_value_bytes) -> a plan, built once per codec
+ *   context / candidates: sequences of (name: bytes, kind: int, max_values: int, absent) with
+ *   kind 0 categorical, 1 multi_categorical, 2 numeric, and `absent` the read-only array a
+ *   context field gets when it is missing (None for candidate fields).
+ *
+ * decode(data, plan, k) -> (context: dict, candidates: dict, missing: int) or None
+ *   For bytes that passed header() with num_candidates == k. The arrays are exactly what
+ *   RequestCodec.decode returns for the parsed message; None when any check might fail (or
+ *   the numbers are not short plain decimals, see safe_decimal): the full path decides.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "_values.h"
+
+enum { WT_VARINT = 0, WT_LEN = 2 };
+enum { KIND_CATEGORICAL = 0, KIND_MULTI = 1, KIND_NUMERIC = 2 };
+/* PredictRequest fields */
+enum { F_REQUEST_ID = 1, F_MODEL = 2, F_CONTEXT = 3, F_NUM_CANDIDATES = 4, F_CANDIDATES = 5 };
+
+typedef struct {
+    const uint8_t *p, *end;
+} Reader;
+
+typedef struct {
+    const char *ptr;
+    Py_ssize_t len;
+} Span;
+
+/* A varint of at most 10 bytes and 64 bits; 0 if truncated or longer. */
+static int read_varint(Reader *r, uint64_t *out) {
+    uint64_t value = 0;
+    for (int shift = 0; shift < 70; shift += 7) {
+        if (r->p >= r->end) {
+            return 0;
+        }
+        uint8_t byte = *r->p++;
+        if (shift == 63 && byte > 1) { /* more than 64 bits */
+            return 0;
+        }
+        value |= (uint64_t)(byte & 0x7f) << shift;
+        if (!(byte & 0x80)) {
+            *out = value;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* A tag: field number and wire type; 0 at the end of the input or if malformed, and then
+ * r is left where the tag began (so a caller's "r->p == r->end" tells the two apart). */
+static int read_tag(Reader *r, uint32_t *field, uint32_t *wire_type) {
+    const uint8_t *start = r->p;
+    uint64_t tag;
+    if (r->p >= r->end || !read_varint(r, &tag) || tag > UINT32_MAX || (tag >> 3) == 0) {
+        r->p = start;
+        return 0;
+    }
+    *field = (uint32_t)(tag >> 3);
+    *wire_type = (uint32_t)(tag & 7);
+    return 1;
+}
+
+/* The payload of a length-delimited field; 0 if it runs past the end. */
+static int read_len(Reader *r, Reader *inner) {
+    uint64_t len;
+    if (!read_varint(r, &len) || len > (uint64_t)(r->end - r->p)) {
+        return 0;
+    }
+    inner->p = r->p;
+    inner->end = r->p + len;
+    r->p += len;
+    return 1;
+}
+
+/* Walks a map entry {1: key, 2: value}: exactly one of each, in either order. */
+static int read_entry(Reader entry, Reader *key, Reader *value) {
+    int have_key = 0, have_value = 0;
+    uint32_t field, wire_type;
+    while (read_tag(&entry, &field, &wire_type)) {
+        if (wire_type != WT_LEN) {
+            return 0;
+        }
+        if (field == 1 && !have_key) {
+            have_key = 1;
+            if (!read_len(&entry, key)) {
+                return 0;
+            }
+        } else if (field == 2 && !have_value) {
+            have_value = 1;
+            if (!read_len(&entry, value)) {
+                return 0;
+            }
+        } else {
+            return 0;
+        }
+    }
+    return entry.p == entry.end && have_key && have_value;
+}
+
+/* Whether a Values (column = 0) or Column (column = 1) message is in the usual shape:
+ * repeated bytes values = 1; (Column) repeated uint32 counts = 2, packed, in one run. */
+static int usual_values(Reader msg, int column) {
+    int have_counts = 0;
+    uint32_t field, wire_type;
+    Reader inner;
+    while (read_tag(&msg, &field, &wire_type)) {
+        if (wire_type != WT_LEN || !read_len(&msg, &inner)) {
+            return 0;
+        }
+        if (field == 1) {
+            continue;
+        }
+        if (field != 2 || !column || have_counts) {
+            return 0;
+        }
+        have_counts = 1;
+        uint64_t count;
+        while (inner.p < inner.end) {
+            if (!read_varint(&inner, &count) || count > UINT32_MAX) {
+                return 0;
+            }
+        }
+    }
+    return msg.p == msg.end;
+}
+
+static int ascii(Reader s) {
+    for (; s.p < s.end; s.p++) {
+        if (*s.p >= 0x80) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *utf8(Reader s) {
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)s.p, s.end - s.p, "strict");
+    if (text == NULL) {
+        PyErr_Clear();
+    }
+    return text;
+}
+
+static PyObject *header(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    Reader r = {view.buf, (const uint8_t *)view.buf + view.len};
+    Reader request_id = {NULL, NULL}, model = {NULL, NULL}, inner, key, value;
+    int seen_id = 0, seen_model = 0, seen_k = 0, usual = 1;
+    uint64_t k = 0;
+    uint32_t field, wire_type;
+    while (usual && read_tag(&r, &field, &wire_type)) {
+        if (field == F_NUM_CANDIDATES) {
+            usual = wire_type == WT_VARINT && !seen_k++ && read_varint(&r, &k) && k <= UINT32_MAX;
+        } else if (wire_type != WT_LEN || !read_len(&r, &inner)) {
+            usual = 0;
+        } else if (field == F_REQUEST_ID) {
+            usual = !seen_id++;
+            request_id = inner;
+        } else if (field == F_MODEL) {
+            usual = !seen_model++;
+            model = inner;
+        } else if (field == F_CONTEXT || field == F_CANDIDATES) {
+            usual = read_entry(inner, &key, &value) && ascii(key) &&
+                    usual_values(value, field == F_CANDIDATES);
+        } else {
+            usual = 0;
+        }
+    }
+    PyObject *result = NULL;
+    if (usual && r.p == r.end) {
+        PyObject *id = utf8(request_id), *name = id ? utf8(model) : NULL;
+        if (name != NULL) {
+            result = Py_BuildValue("(NNK)", id, name, (unsigned long long)k);
+        } else {
+            Py_XDECREF(id);
+        }
+    }
+    PyBuffer_Release(&view);
+    if (result == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
+    }
+    return result;
+}
+
+/* ------------------------------------------------------------------------------ the plan */
+
+typedef struct {
+    PyObject *name;   /* bytes, the schema field name (also the dict key, as str) */
+    PyObject *key;    /* str */
+    int kind;
+    Py_ssize_t max_values;
+    PyObject *absent; /* context fields: the shared array for "missing" */
+} FieldPlan;
+
+typedef struct {
+    Py_ssize_t n_context, n_candidates, max_value_bytes;
+    FieldPlan *fields; /* context fields, then candidate fields */
+} Plan;
+
+static const char *PLAN = "adpredict.serving._wire.Plan";
+
+static void free_plan(PyObject *capsule) {
+    Plan *plan = PyCapsule_GetPointer(capsule, PLAN);
+    if (plan == NULL) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < plan->n_context + plan->n_candidates; i++) {
+        Py_XDECREF(plan->fields[i].name);
+        Py_XDECREF(plan->fields[i].key);
+        Py_XDECREF(plan->fields[i].absent);
+    }
+    PyMem_Free(plan->fields);
+    PyMem_Free(plan);
+}
+
+static int plan_fields(PyObject *seq, FieldPlan *out, Py_ssize_t n, int context) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *absent;
+        FieldPlan *f = &out[i];
+        if (!PyArg_ParseTuple(item, "SinO:Plan field", &f->name, &f->kind, &f->max_values,
+                              &absent)) {
+            return 0;
+        }
+        if (f->kind < KIND_CATEGORICAL || f->kind > KIND_NUMERIC || f->max_values < 1 ||
+            (context && !PyArray_Check(absent))) {
+            PyErr_SetString(PyExc_ValueError, "Plan: bad field (kind, max_values or absent)");
+            return 0;
+        }
+        f->key = PyUnicode_DecodeASCII(PyBytes_AS_STRING(f->name), PyBytes_GET_SIZE(f->name),
+                                       "strict");
+        if (f->key == NULL) {
+            return 0;
+        }
+        Py_INCREF(f->name);
+        f->absent = context ? absent : NULL;
+        Py_XINCREF(f->absent);
+    }
+    return 1;
+}
+
+static PyObject *make_plan(PyObject *self, PyObject *args) {
+    PyObject *context, *candidates;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "OOn:Plan", &context, &candidates, &limit)) {
+        return NULL;
+    }
+    PyObject *ctx = PySequence_Fast(context, "Plan: context must be a sequence");
+    PyObject *cand = ctx ? PySequence_Fast(candidates, "Plan: candidates must be a sequence")
+                         : NULL;
+    Plan *plan = PyMem_Calloc(1, sizeof(Plan));
+    PyObject *capsule = NULL;
+    if (cand != NULL && plan != NULL) {
+        plan->n_context = PySequence_Fast_GET_SIZE(ctx);
+        plan->n_candidates = PySequence_Fast_GET_SIZE(cand);
+        plan->max_value_bytes = limit;
+        plan->fields = PyMem_Calloc(plan->n_context + plan->n_candidates + 1, sizeof(FieldPlan));
+        if (plan->fields != NULL && plan_fields(ctx, plan->fields, plan->n_context, 1) &&
+            plan_fields(cand, plan->fields + plan->n_context, plan->n_candidates, 0)) {
+            capsule = PyCapsule_New(plan, PLAN, free_plan);
+        }
+    }
+    if (capsule == NULL && plan != NULL) {
+        PyObject *tmp = PyCapsule_New(plan, PLAN, free_plan); /* frees what was filled in */
+        Py_XDECREF(tmp);
+        if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+    }
+    Py_XDECREF(ctx);
+    Py_XDECREF(cand);
+    return capsule;
+}
+
+/* ---------------------------------------------------------------------------- the decode */
+
+/* Growable list of value spans and counts, reused within one decode call. */
+typedef struct {
+    Span *spans;
+    Py_ssize_t n, cap;
+    uint32_t *counts;
+    Py_ssize_t n_counts, cap_counts;
+} Scratch;
+
+static int push_span(Scratch *s, Reader v) {
+    if (s->n == s->cap) {
+        Py_ssize_t cap = s->cap ? 2 * s->cap : 512;
+        Span *grown = PyMem_Realloc(s->spans, cap * sizeof(Span));
+        if (grown == NULL) {
+            return 0;
+        }
+        s->spans = grown;
+        s->cap = cap;
+    }
+    s->spans[s->n].ptr = (const char *)v.p;
+    s->spans[s->n++].len = v.end - v.p;
+    return 1;
+}
+
+static int push_count(Scratch *s, uint32_t c) {
+    if (s->n_counts == s->cap_counts) {
+        Py_ssize_t cap = s->cap_counts ? 2 * s->cap_counts : 512;
+        uint32_t *grown = PyMem_Realloc(s->counts, cap * sizeof(uint32_t));
+        if (grown == NULL) {
+            return 0;
+        }
+        s->counts = grown;
+        s->cap_counts = cap;
+    }
+    s->counts[s->n_counts++] = c;
+    return 1;
+}
+
+/* Collects a Values/Column message's values and counts (shape already checked by header). */
+static int collect(Reader msg, Scratch *s) {
+    s->n = s->n_counts = 0;
+    uint32_t field, wire_type;
+    Reader inner;
+    while (read_tag(&msg, &field, &wire_type)) {
+        if (wire_type != WT_LEN || !read_len(&msg, &inner)) {
+            return 0;
+        }
+        if (field == 1) {
+            if (!push_span(s, inner)) {
+                return 0;
+            }
+        } else {
+            uint64_t c;
+            while (inner.p < inner.end) {
+                if (!read_varint(&inner, &c) || !push_count(s, (uint32_t)c)) {
+                    return 0;
+                }
+            }
+        }
+    }
+    return 1;
+}
+
+/* Whether every span passes: length <= limit, empties only if allowed, numbers plain decimals.
+ * *empty gets the number of empty spans. */
+static int spans_pass(const Scratch *s, Py_ssize_t limit, int allow_empty, int numeric,
+                      Py_ssize_t *empty) {
+    *empty = 0;
+    for (Py_ssize_t i = 0; i < s->n; i++) {
+        Py_ssize_t len = s->spans[i].len;
+        if (len == 0) {
+            if (!allow_empty) {
+                return 0;
+            }
+            ++*empty;
+        } else if (len > limit || (numeric && !safe_decimal(s->spans[i].ptr, len))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* A new object array of the given shape with every slot set to b"". */
+static PyObject *empty_values(int ndim, npy_intp *dims, PyObject *blank) {
+    PyObject *array = PyArray_SimpleNew(ndim, dims, NPY_OBJECT);
+    if (array == NULL) {
+        return NULL;
+    }
+    npy_intp size = PyArray_SIZE((PyArrayObject *)array);
+    PyObject **slots = PyArray_DATA((PyArrayObject *)array);
+    for (npy_intp i = 0; i < size; i++) {
+        Py_INCREF(blank);
+        slots[i] = blank;
+    }
+    return array;
+}
+
+/* Sets slots[i] (holding a reference to blank) to a new bytes object for span i. */
+static int fill(PyObject **slots, const Span *spans, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyBytes_FromStringAndSize(spans[i].ptr, spans[i].len);
+        if (value == NULL) {
+            return 0;
+        }
+        Py_SETREF(slots[i], value);
+    }
+    return 1;
+}
+
+/* The array of a context field present in the request; *missing += 1 if it counts as
+ * missing. NULL without an error set: not for the fast path. */
+static PyObject *context_array(const FieldPlan *f, Scratch *s, const Plan *plan,
+                               PyObject *blank, Py_ssize_t *missing) {
+    Py_ssize_t limit = plan->max_value_bytes;
+    Py_ssize_t empty;
+    if (s->n_counts != 0) {
+        return NULL;
+    }
+    if (f->kind == KIND_MULTI) {
+        if (s->n > f->max_values || !spans_pass(s, limit, 0, 0, &empty)) {
+            return NULL;
+        }
+        if (s->n == 0) {
+            ++*missing;
+            return Py_NewRef(f->absent);
+        }
+        npy_intp dims[2] = {1, s->n};
+        PyObject *row = empty_values(2, dims, blank);
+        if (row != NULL && !fill(PyArray_DATA((PyArrayObject *)row), s->spans, s->n)) {
+            Py_CLEAR(row);
+        }
+        return row;
+    }
+    if (s->n > 1) {
+        return NULL;
+    }
+    if (s->n == 0 || s->spans[0].len == 0) {
+        ++*missing;
+        return Py_NewRef(f->absent);
+    }
+    if (!spans_pass(s, limit, 0, f->kind == KIND_NUMERIC, &empty)) {
+        return NULL;
+    }
+    npy_intp dims[1] = {1};
+    PyObject *row = empty_values(1, dims, blank);
+    if (row != NULL && !fill(PyArray_DATA((PyArrayObject *)row), s->spans, 1)) {
+        Py_CLEAR(row);
+    }
+    return row;
+}
+
+/* The array of a candidate column present in the request (see context_array). */
+static PyObject *column_array(const FieldPlan *f, Scratch *s, Py_ssize_t k, const Plan *plan,
+                              PyObject *blank, Py_ssize_t *missing) {
+    Py_ssize_t limit = plan->max_value_bytes;
+    Py_ssize_t empty;
+    if (f->kind != KIND_MULTI) {
+        if (s->n_counts != 0 || s->n != k ||
+            !spans_pass(s, limit, 1, f->kind == KIND_NUMERIC, &empty)) {
+            return NULL;
+        }
+        npy_intp dims[1] = {k};
+        PyObject *column = empty_values(1, dims, blank);
+        if (column != NULL && !fill(PyArray_DATA((PyArrayObject *)column), s->spans, k)) {
+            Py_CLEAR(column);
+        }
+        *missing += empty;
+        return column;
+    }
+    if (s->n == 0 && s->n_counts == 0) {
+        *missing += k;
+        npy_intp dims[2] = {k, 1};
+        return empty_values(2, dims, blank);
+    }
+    if (s->n_counts != k || !spans_pass(s, limit, 0, 0, &empty)) {
+        return NULL;
+    }
+    Py_ssize_t widest = 0, total = 0, zero_rows = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        Py_ssize_t c = s->counts[i];
+        widest = c > widest ? c : widest;
+        total += c;
+        zero_rows += c == 0;
+    }
+    if (widest > f->max_values || total != s->n) {
+        return NULL;
+    }
+    npy_intp width = widest > 1 ? widest : 1, dims[2] = {k, width};
+    PyObject *column = empty_values(2, dims, blank);
+    if (column == NULL) {
+        return NULL;
+    }
+    PyObject **slots = PyArray_DATA((PyArrayObject *)column);
+    const Span *next = s->spans;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (!fill(slots + i * width, next, s->counts[i])) {
+            Py_DECREF(column);
+            return NULL;
+        }
+        next += s->counts[i];
+    }
+    *missing += zero_rows;
+    return column;
+}
+
+/* Index of the field named by key among fields[0:n], or -1. */
+static Py_ssize_t find_field(const FieldPlan *fields, Py_ssize_t n, Reader key) {
+    Py_ssize_t len = key.end - key.p;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyBytes_GET_SIZE(fields[i].name) == len &&
+            memcmp(PyBytes_AS_STRING(fields[i].name), key.p, len) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+static PyObject *decode(PyObject *self, PyObject *args) {
+    PyObject *data, *capsule;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "OOn:decode", &data, &capsule, &k)) {
+        return NULL;
+    }
+    Plan *plan = PyCapsule_GetPointer(capsule, PLAN);
+    if (plan == NULL) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    Py_ssize_t n_fields = plan->n_context + plan->n_candidates, missing = 0;
+    PyObject **arrays = PyMem_Calloc(n_fields + 1, sizeof(PyObject *));
+    PyObject *blank = PyBytes_FromStringAndSize(NULL, 0);
+    PyObject *context = NULL, *candidates = NULL, *result = NULL;
+    Scratch scratch = {0};
+    int usual = arrays != NULL && blank != NULL;
+    Reader r = {view.buf, (const uint8_t *)view.buf + view.len}, inner, key, value;
+    uint32_t field, wire_type;
+    uint64_t ignored;
+    while (usual && read_tag(&r, &field, &wire_type)) {
+        if (field == F_NUM_CANDIDATES) {
+            usual = read_varint(&r, &ignored);
+            continue;
+        }
+        usual = read_len(&r, &inner);
+        if (!usual || (field != F_CONTEXT && field != F_CANDIDATES)) {
+            continue;
+        }
+        int is_context = field == F_CONTEXT;
+        usual = read_entry(inner, &key, &value);
+        const FieldPlan *fields = plan->fields + (is_context ? 0 : plan->n_context);
+        Py_ssize_t i = usual ? find_field(fields, is_context ? plan->n_context
+                                                             : plan->n_candidates, key)
+                             : -1;
+        if (i < 0 || arrays[(is_context ? 0 : plan->n_context) + i] != NULL ||
+            !collect(value, &scratch)) { /* an unknown or repeated key */
+            usual = 0;
+            break;
+        }
+        PyObject **slot = arrays + (is_context ? 0 : plan->n_context) + i;
+        *slot = is_context ? context_array(&fields[i], &scratch, plan, blank, &missing)
+                           : column_array(&fields[i], &scratch, k, plan, blank, &missing);
+        usual = *slot != NULL;
+    }
+    if (usual && !PyErr_Occurred()) {
+        context = PyDict_New();
+        candidates = context ? PyDict_New() : NULL;
+        for (Py_ssize_t i = 0; candidates != NULL && i < n_fields; i++) {
+            const FieldPlan *f = &plan->fields[i];
+            if (arrays[i] == NULL) { /* absent */
+                if (i < plan->n_context) {
+                    arrays[i] = Py_NewRef(f->absent);
+                    missing += 1;
+                } else {
+                    npy_intp dims[2] = {k, 1};
+                    arrays[i] = empty_values(f->kind == KIND_MULTI ? 2 : 1, dims, blank);
+                    missing += k;
+                }
+            }
+            if (arrays[i] == NULL ||
+                PyDict_SetItem(i < plan->n_context ? context : candidates, f->key, arrays[i])) {
+                Py_CLEAR(candidates);
+            }
+        }
+        if (candidates != NULL) {
+            result = Py_BuildValue("(OOn)", context, candidates, missing);
+        }
+    }
+    for (Py_ssize_t i = 0; arrays != NULL && i < n_fields; i++) {
+        Py_XDECREF(arrays[i]);
+    }
+    PyMem_Free(arrays);
+    PyMem_Free(scratch.spans);
+    PyMem_Free(scratch.counts);
+    Py_XDECREF(blank);
+    Py_XDECREF(context);
+    Py_XDECREF(candidates);
+    PyBuffer_Release(&view);
+    if (result == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
+    }
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"header", header, METH_O,
+     "header(data) -> (request_id, model, num_candidates), or None: not the usual shape"},
+    {"Plan", make_plan, METH_VARARGS,
+     "Plan(context, candidates, max_value_bytes) -> the schema as decode() reads it"},
+    {"decode", decode, METH_VARARGS,
+     "decode(data, plan, k) -> (context, candidates, missing), or None: let Python decide"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_wire", "PredictRequest wire bytes to the codec's arrays.", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__wire(void) {
+    import_array();
+    return PyModule_Create(&module);
+}
