@@ -13,8 +13,10 @@ Layouts (the alternatives are compiled from the .proto text below into a temp di
     row/bytes      the same with bytes values
     column/string  map<string, Column> candidates, Column { repeated string values; counts }
     column/bytes   the same with bytes values  (the layout adpredict.v1 uses)
-    adpredict.v1   column/bytes through RequestCodec.decode: full validation included
-    + merge        adpredict.v1, then RequestCodec.merge of the one request into a feed
+    adpredict.v1   column/bytes through upb and RequestCodec.decode: full validation included
+    v1 wire        what the servers do: predict_parser + RequestCodec.decode from the bytes
+                   (the C decoder, _wire.c; the same as adpredict.v1 without it)
+    + merge        v1 wire, then RequestCodec.merge of the one request into a feed
 
 Only ``protobuf``'s upb backend is representative; the script prints which backend ran.
 """
@@ -37,7 +39,7 @@ from google.protobuf.internal import api_implementation
 
 from adpredict.client import build_request, example_request
 from adpredict.schema import Schema, load_schema
-from adpredict.serving.codec import RequestCodec
+from adpredict.serving.codec import RequestCodec, predict_parser
 
 ALTERNATIVES = """
 syntax = "proto3";
@@ -182,6 +184,7 @@ def main() -> None:
 
     schema = load_schema(args.schema)
     codec = RequestCodec(schema)
+    wire = predict_parser()
     with tempfile.TemporaryDirectory() as tmp:
         alt = compile_alternatives(Path(tmp))
         layouts: list[tuple[str, Callable[[Any], bytes], Callable[[bytes], Any]]] = [
@@ -193,8 +196,10 @@ def main() -> None:
              decoder_column(schema, pb.PredictRequest, True)),
             ("adpredict.v1", lambda ex: build_request(ex.context, ex.candidates).SerializeToString(),
              lambda data: codec.decode(pb.PredictRequest.FromString(data))),
+            ("v1 wire", lambda ex: build_request(ex.context, ex.candidates).SerializeToString(),
+             lambda data: codec.decode(wire(data))),
             ("+ merge", lambda ex: build_request(ex.context, ex.candidates).SerializeToString(),
-             lambda data: codec.merge([codec.decode(pb.PredictRequest.FromString(data))])),
+             lambda data: codec.merge([codec.decode(wire(data))])),
         ]  # fmt: skip
         examples = {k: example_request(schema, k=k, seed=k) for k in KS}
         cells = [

@@ -9,8 +9,9 @@ for unusual bytes), validate and decode (``RequestCodec.decode``: from the bytes
 built from the arrays and the TensorFlow call), split, build each ``PredictResponse`` and
 serialize it. Each stage is timed with process CPU time (``time.process_time``, all threads,
 so TensorFlow's executor threads count), summed over ``--batches`` batches. Pin it to one
-core (``taskset -c 1``) to compare with a server pinned to one core. The difference between a server's CPU per request and this sum is what serving
-adds: gRPC and the kernel's loopback TCP, the event loop, the batcher and thread hand-offs.
+core (``taskset -c 1``) to compare with a server pinned to one core. The difference between
+a server's CPU per request and this sum is what serving adds: gRPC and the kernel's loopback
+TCP, the event loop, the batcher and thread hand-offs.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ value. Both accept exactly the same requests.
 
 The servers do not build the message at all for a request in the usual shape: their
 deserializer (``predict_parser``) reads the three header fields from the bytes (``_wire.header``)
-and ``decode`` goes from the bytes straight to the arrays (``_wire.decode``, one C pass: 78
-against 260 µs of parse + decode per K = 300 request in benchmarks/probe_pipeline.py). Whatever
+and ``decode`` goes from the bytes straight to the arrays (``_wire.decode``, one C pass:
+47 against 103 µs via upb for a K = 300 request in benchmarks/bench_decode.py). Whatever
 it does not vouch for (an unusual wire shape, a value the checks might refuse) is parsed by upb
 and decoded as above, so errors and results are the same either way. No TensorFlow import: the
 runtime owns every TF call.
