@@ -611,6 +611,20 @@ def test_unusual_wire_shapes_are_left_to_upb(tail: bytes, what: str) -> None:
 
 
 @needs_wire
+def test_wire_decoder_shares_repeated_short_values() -> None:
+    """A short value seen before is the same (immutable) bytes object; long ones are not."""
+    long_id = b"x" * 33
+    req = request(k=2, columns={"ad": ([b"same", long_id], [])})
+    data = _wire_bytes(req)
+    codec = RequestCodec(SCHEMA, LIMITS)
+    first, second = codec.decode(WireRequest("", "", 2, data)), codec.decode(predict_parser()(data))
+    a, b = first.candidates["ad"], second.candidates["ad"]
+    assert a.tolist() == b.tolist() == [b"same", long_id]
+    assert a[0] is b[0] and a[1] is not b[1]
+    assert second.context["site"][0] is first.context["site"][0]
+
+
+@needs_wire
 def test_wire_decoder_leaks_nothing() -> None:
     """Every array and value it makes is freed, on the fast path and when it gives up."""
     import tracemalloc
