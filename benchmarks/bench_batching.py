@@ -47,7 +47,10 @@ that is all there is), or with ``--ceiling measure`` from bench_model.py run in 
 on the server's first core before and after the servers (the higher of the two counts): on a
 shared VM the ceiling moves by a quarter between runs and cores, so a fraction is only honest
 when both were measured together. ``--points saturation`` runs only step 5 (with ``--ceiling
-measure``: served throughput against the ceiling in a few minutes). Results: ``--out`` +
+measure``: served throughput against the ceiling in a few minutes); ``--rounds N`` then repeats
+(ceiling, served) N times and closes with a ceiling: each round's served figure is divided by
+the higher of the two ceilings measured just before and just after it, and the median of the N
+fractions is reported, with every round's figures. Results: ``--out`` +
 ``.json`` / ``.md`` (default benchmarks/results/batching, or batching.quick with ``--quick``).
 """
 
@@ -61,6 +64,7 @@ import os
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -371,9 +375,33 @@ def read_ceiling(explicit: Path | None) -> dict[str, Any] | None:
     return None
 
 
+def round_fractions(
+    rows: list[dict[str, Any]], runs: list[dict[str, Any]], k: int
+) -> list[dict[str, Any]]:
+    """Per round r: served pred/s at saturation (batching on) over the higher of the ceilings
+    measured just before (run r) and just after it (run r + 1)."""
+    out = []
+    for row in rows:
+        if (row["k"], row["mode"], row["point"]) != (k, "on", "saturation"):
+            continue
+        r = row.get("round", 0)
+        flank = [runs[i]["ceiling"][str(k)]["predictions_per_s"] for i in (r, r + 1)
+                 if i < len(runs) and str(k) in runs[i]["ceiling"]]  # fmt: skip
+        if flank:
+            served = row["predictions_per_s"]
+            out.append({"round": r, "served_pred_s": served, "ceilings_pred_s": flank,
+                        "fraction": served / max(flank)})  # fmt: skip
+    return out
+
+
 def summarize(
-    rows: list[dict[str, Any]], ks: list[int], ceiling: dict[str, Any] | None
+    rows: list[dict[str, Any]],
+    ks: list[int],
+    ceiling: dict[str, Any] | None,
+    runs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """The targets' figures per K. ``runs``: the ceilings measured in this run, in order (then
+    the saturation fraction is the median over rounds, see ``round_fractions``)."""
     out: dict[str, Any] = {}
     for k in ks:
 
@@ -408,6 +436,13 @@ def summarize(
             entry["ceiling_pred_s"] = c
             entry["fraction_of_ceiling_at_max_rate"] = on and on["predictions_per_s"] / c
             entry["fraction_of_ceiling_at_saturation"] = sat_on and sat_on["predictions_per_s"] / c
+        rounds = round_fractions(rows, runs, k) if runs else []
+        if rounds:
+            entry["rounds"] = rounds
+            entry["saturation_pred_s_on"] = statistics.median(r["served_pred_s"] for r in rounds)
+            entry["fraction_of_ceiling_at_saturation"] = statistics.median(
+                r["fraction"] for r in rounds
+            )
         out[str(k)] = entry
     return out
 
@@ -439,8 +474,14 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
             judge("K=300 served pred/s at the max rate / in-process ceiling",
                   e["fraction_of_ceiling_at_max_rate"], TARGETS["ceiling_fraction_k300"], True, ".1%")  # fmt: skip
             sat = e.get("fraction_of_ceiling_at_saturation")
+            rounds = e.get("rounds", [])
+            each = ", ".join(
+                f"{r['served_pred_s']:,.0f} / {max(r['ceilings_pred_s']):,.0f} = {r['fraction']:.1%}"
+                for r in rounds
+            )
             lines.append(f"- K=300 served pred/s at saturation / ceiling (no latency bound): "
-                         f"{'-' if sat is None else format(sat, '.1%')}")  # fmt: skip
+                         f"{'-' if sat is None else format(sat, '.1%')}"
+                         + (f" (median of {len(rounds)} rounds: {each})" if len(rounds) > 1 else ""))  # fmt: skip
     return lines
 
 
@@ -453,7 +494,10 @@ def ceiling_line(ceiling: dict[str, Any] | None) -> str:
         ", ".join(f"K={k} {c['predictions_per_s']:,.0f} pred/s @{c['batch']}" for k, c in r.items())
         for r in ceiling["runs"]
     )
-    return f"measured in this run on the server core, before / after: {runs} (the higher counts)"
+    return (
+        f"measured in this run on the server core, in order: {runs} (a served figure is "
+        "divided by the higher of the ceilings measured just before and just after it)"
+    )
 
 
 def report_md(result: dict[str, Any]) -> str:
@@ -564,6 +608,8 @@ def main() -> int:
     p.add_argument("--ceiling", default=None,
                    help="bench_model JSON (default benchmarks/results/model_ceiling[.quick].json)"
                    ", or 'measure': run bench_model on the server core before and after")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --points saturation --ceiling measure: (ceiling, served) rounds")  # fmt: skip
     p.add_argument("--points", choices=("all", "saturation"), default="all",
                    help="all steps (default), or only the closed-loop saturation point")  # fmt: skip
     p.add_argument("--modes", default="off,on", help="off,on (off first: it sets the equal loads)")
@@ -583,6 +629,10 @@ def main() -> int:
         p.error(f"--model-dir {args.model_dir}: no models (make demo-model builds models/demo)")
     if not args.ramp > 1:
         p.error(f"--ramp must be > 1, got {args.ramp}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and (args.points != "saturation" or args.ceiling != "measure"):
+        p.error("--rounds > 1 needs --points saturation --ceiling measure")
     result: dict[str, Any] = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -598,10 +648,15 @@ def main() -> int:
     try:
         if measure:
             ceilings.append(measure_ceiling(args, Path(f"{args.out}.ceiling_before")))
-        for mode in args.modes.split(","):
-            rows += run_mode(args, mode == "on", result, off_max)
-        if measure:
-            ceilings.append(measure_ceiling(args, Path(f"{args.out}.ceiling_after")))
+        for r in range(args.rounds):
+            for mode in args.modes.split(","):
+                rows += [
+                    {**row, "round": r} for row in run_mode(args, mode == "on", result, off_max)
+                ]
+            if measure:
+                last = r == args.rounds - 1
+                stem = f"{args.out}.ceiling_{'after' if last else r + 1}"
+                ceilings.append(measure_ceiling(args, Path(stem)))
     except KeyboardInterrupt:
         result.setdefault("problems", []).append("interrupted: the table is incomplete")
     finally:
@@ -612,7 +667,7 @@ def main() -> int:
         result["ceiling"] = best_ceiling(ceilings) if ceilings else None
     else:
         result["ceiling"] = read_ceiling(Path(args.ceiling) if args.ceiling else None)
-    result["summary"] = summarize(rows, args.k, result["ceiling"])
+    result["summary"] = summarize(rows, args.k, result["ceiling"], ceilings if measure else None)
     write_results(args.out, result, report_md(result))
     return 0
 
