@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -490,7 +491,9 @@ def _messages(draw: st.DrawFn) -> bytes:
             column.counts.extend(draw(st.lists(st.integers(0, 3), min_size=0, max_size=7)))
     data = msg.SerializeToString()
     tail = draw(
-        st.sampled_from(["none", "merge", "unknown", "unpacked", "bad_utf8", "cut", "garbage"])
+        st.sampled_from(
+            ["none", "merge", "unknown", "unpacked", "bad_utf8", "cut", "garbage", "long_tag"]
+        )
     )
     if tail == "merge":  # a second message: scalars replaced, map entries replaced by key
         data += draw(_messages())
@@ -500,6 +503,8 @@ def _messages(draw: st.DrawFn) -> bytes:
         column = b"\x0a\x01t\x10\x01"
         entry = b"\x0a\x04tags\x12" + _varint(len(column)) + column
         data += b"\x2a" + _varint(len(entry)) + entry
+    elif tail == "long_tag":  # request_id = "x" under a tag of 2..10 bytes (upb takes <= 5)
+        data += b"\x8a" + b"\x80" * draw(st.integers(0, 8)) + b"\x00\x01x"
     elif tail == "bad_utf8":
         data += b"\x0a\x02\xc3\x28"  # request_id
     elif tail == "cut" and data:
@@ -593,6 +598,7 @@ def test_wire_decoder_settles_ordinary_requests_itself() -> None:
         (b"\x12\x02\xc3\x28", "model not UTF-8"),
         (b"\x2a\x06\x0a\x04tags", "a map entry without a value"),
         (b"\x00", "a zero tag"),
+        (b"\x8a\x80\x80\x80\x80\x00\x01x", "a 6-byte tag (upb refuses more than 5)"),
         (b"\x1a\x0b\x0a\x04site\x12\x03\x0a\x01y", "a context key twice (seen by decode)"),
     ],
 )
@@ -646,8 +652,13 @@ def test_wire_decoder_leaks_nothing() -> None:
 
 @needs_wire
 def test_wire_plan_refuses_a_bad_schema_description() -> None:
+    name = b"a_field_name_of_this_test"
+    held = sys.getrefcount(name)
     with pytest.raises(ValueError, match="kind"):
-        _wire.Plan([(b"a", 7, 1, np.array([b""], dtype=object))], [], 256)
+        _wire.Plan([(name, 7, 1, np.array([b""], dtype=object))], [], 256)
+    with pytest.raises(TypeError):  # the second field is bad: the first was released once
+        _wire.Plan([], [(name, 0, 1, None), (b"b", 9)], 256)
+    assert sys.getrefcount(name) == held  # nothing borrowed was released
     with pytest.raises(TypeError):
         _wire.Plan([("a", 0, 1, None)], [], 256)
     with pytest.raises(ValueError, match="PyCapsule"):  # not a Plan

@@ -80,7 +80,8 @@ static int read_varint(Reader *r, uint64_t *out) {
 static int read_tag(Reader *r, uint32_t *field, uint32_t *wire_type) {
     const uint8_t *start = r->p;
     uint64_t tag;
-    if (r->p >= r->end || !read_varint(r, &tag) || tag > UINT32_MAX || (tag >> 3) == 0) {
+    if (r->p >= r->end || !read_varint(r, &tag) || r->p - start > 5 || tag > UINT32_MAX ||
+        (tag >> 3) == 0) { /* upb refuses tags longer than 5 bytes */
         r->p = start;
         return 0;
     }
@@ -259,9 +260,9 @@ static void free_plan(PyObject *capsule) {
 
 static int plan_fields(PyObject *seq, FieldPlan *out, Py_ssize_t n, int context) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *absent;
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *absent, *name;
         FieldPlan *f = &out[i];
-        if (!PyArg_ParseTuple(item, "SinO:Plan field", &f->name, &f->kind, &f->max_values,
+        if (!PyArg_ParseTuple(item, "SinO:Plan field", &name, &f->kind, &f->max_values,
                               &absent)) {
             return 0;
         }
@@ -270,12 +271,11 @@ static int plan_fields(PyObject *seq, FieldPlan *out, Py_ssize_t n, int context)
             PyErr_SetString(PyExc_ValueError, "Plan: bad field (kind, max_values or absent)");
             return 0;
         }
-        f->key = PyUnicode_DecodeASCII(PyBytes_AS_STRING(f->name), PyBytes_GET_SIZE(f->name),
-                                       "strict");
+        f->key = PyUnicode_DecodeASCII(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), "strict");
         if (f->key == NULL) {
             return 0;
         }
-        Py_INCREF(f->name);
+        f->name = Py_NewRef(name); /* owned only from here: free_plan releases what is set */
         f->absent = context ? absent : NULL;
         Py_XINCREF(f->absent);
     }
@@ -293,6 +293,9 @@ static PyObject *make_plan(PyObject *self, PyObject *args) {
                          : NULL;
     Plan *plan = PyMem_Calloc(1, sizeof(Plan));
     PyObject *capsule = NULL;
+    if (plan == NULL) {
+        PyErr_NoMemory();
+    }
     if (cand != NULL && plan != NULL) {
         plan->n_context = PySequence_Fast_GET_SIZE(ctx);
         plan->n_candidates = PySequence_Fast_GET_SIZE(cand);
@@ -517,7 +520,7 @@ static PyObject *column_array(const FieldPlan *f, Scratch *s, Py_ssize_t k, cons
     }
     Py_ssize_t widest = 0, total = 0, zero_rows = 0;
     for (Py_ssize_t i = 0; i < k; i++) {
-        Py_ssize_t c = s->counts[i];
+        Py_ssize_t c = s->counts[i] > (uint32_t)f->max_values ? f->max_values + 1 : s->counts[i];
         widest = c > widest ? c : widest;
         total += c;
         zero_rows += c == 0;

@@ -255,7 +255,7 @@ class RequestCodec:
                 if arrays is not None:
                     return ParsedRequest(k, *arrays, self.fingerprint)
             request = lenient_parser(pb.PredictRequest)(request.data)
-            require_decoded(request)  # (cannot fail: _wire.header checked the structure)
+            require_decoded(request)  # (_wire.header checked the structure: should not fail)
         return self._decode_message(request, k)
 
     def _check_size(self, k: int) -> None:
