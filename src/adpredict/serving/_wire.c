@@ -329,15 +329,24 @@ typedef struct {
     Py_ssize_t n_counts, cap_counts;
 } Scratch;
 
+/* Room for one more item in a growable buffer of n items of `size` bytes (capacity *cap). */
+static int reserve(void **buffer, Py_ssize_t n, Py_ssize_t *cap, size_t size) {
+    if (n < *cap) {
+        return 1;
+    }
+    Py_ssize_t grown_cap = *cap ? 2 * *cap : 512;
+    void *grown = PyMem_Realloc(*buffer, grown_cap * size);
+    if (grown == NULL) {
+        return 0;
+    }
+    *buffer = grown;
+    *cap = grown_cap;
+    return 1;
+}
+
 static int push_span(Scratch *s, Reader v) {
-    if (s->n == s->cap) {
-        Py_ssize_t cap = s->cap ? 2 * s->cap : 512;
-        Span *grown = PyMem_Realloc(s->spans, cap * sizeof(Span));
-        if (grown == NULL) {
-            return 0;
-        }
-        s->spans = grown;
-        s->cap = cap;
+    if (!reserve((void **)&s->spans, s->n, &s->cap, sizeof(Span))) {
+        return 0;
     }
     s->spans[s->n].ptr = (const char *)v.p;
     s->spans[s->n++].len = v.end - v.p;
@@ -345,14 +354,8 @@ static int push_span(Scratch *s, Reader v) {
 }
 
 static int push_count(Scratch *s, uint32_t c) {
-    if (s->n_counts == s->cap_counts) {
-        Py_ssize_t cap = s->cap_counts ? 2 * s->cap_counts : 512;
-        uint32_t *grown = PyMem_Realloc(s->counts, cap * sizeof(uint32_t));
-        if (grown == NULL) {
-            return 0;
-        }
-        s->counts = grown;
-        s->cap_counts = cap;
+    if (!reserve((void **)&s->counts, s->n_counts, &s->cap_counts, sizeof(uint32_t))) {
+        return 0;
     }
     s->counts[s->n_counts++] = c;
     return 1;

@@ -133,6 +133,9 @@ def lenient_parser(message_class: Any) -> Callable[[bytes], Any]:
     return parse
 
 
+_parse_predict = lenient_parser(pb.PredictRequest)  # the one PredictRequest parser
+
+
 @dataclass(frozen=True, slots=True)
 class WireRequest:
     """A ``PredictRequest`` still in its wire bytes (``predict_parser``): the three fields the
@@ -151,7 +154,7 @@ def predict_parser(*, native: bool = True) -> Callable[[bytes], Any]:
 
     ``native=False`` (or no ``_wire`` extension) is ``lenient_parser`` alone.
     """
-    parse = lenient_parser(pb.PredictRequest)
+    parse = _parse_predict
     if not native or _wire is None:
         return parse
     header = _wire.header
@@ -254,7 +257,7 @@ class RequestCodec:
                 arrays = _wire.decode(request.data, self._wire_plan, k)
                 if arrays is not None:
                     return ParsedRequest(k, *arrays, self.fingerprint)
-            request = lenient_parser(pb.PredictRequest)(request.data)
+            request = _parse_predict(request.data)
             require_decoded(request)  # (_wire.header checked the structure: should not fail)
         return self._decode_message(request, k)
 
