@@ -354,6 +354,7 @@ class _ServiceMetrics(ServiceObserver):
             method: m.in_flight.labels(method) for method in ("Predict", "GetModelMetadata")
         }
         self._over_sla: dict[str, Any] = {}
+        self._candidates: dict[str, Any] = {}
 
     def batch_observer(self, model: str) -> BatchObserver:
         # The Predict outcomes alerts divide by exist from the start, at 0: rate() over a
@@ -367,7 +368,10 @@ class _ServiceMetrics(ServiceObserver):
         self._in_flight[method].inc()
 
     def request_decoded(self, model: str, candidates: int, missing: int) -> None:
-        self._m.candidates.labels(model).inc(candidates)
+        child = self._candidates.get(model)
+        if child is None:
+            child = self._candidates[model] = self._m.candidates.labels(model)
+        child.inc(candidates)
 
     def request_late(self, model: str) -> None:
         self._m.timeouts.labels(model, _TIMEOUT_LATE).inc()
