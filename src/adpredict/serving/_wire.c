@@ -420,16 +420,40 @@ static PyObject *empty_values(int ndim, npy_intp *dims, PyObject *blank) {
     return array;
 }
 
-/* A bytes object equal to span: from the cache, or new (and then cached). New reference. */
-static PyObject *value_object(PyObject **cache, Span span) {
-    if (span.len > CACHED_BYTES) {
+/* A hash of span (at most CACHED_BYTES long) for the cache's slot index: eight bytes per
+ * multiply instead of FNV's one (FNV-1a was most of the cost of a cache hit). */
+static inline uint64_t slot_of(Span span) {
+    const uint64_t m = 0x9E3779B97F4A7C15ull;
+    uint64_t h = (uint64_t)span.len * m;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= span.len; i += 8) {
+        uint64_t w;
+        memcpy(&w, span.ptr + i, 8);
+        h = (h ^ w) * m;
+        h ^= h >> 29;
+    }
+    if (i < span.len) {
+        uint64_t w = 0;
+        for (int shift = 0; i < span.len; i++, shift += 8) {
+            w |= (uint64_t)(uint8_t)span.ptr[i] << shift;
+        }
+        h = (h ^ w) * m;
+    }
+    h ^= h >> 32;
+    return h * m >> 40;
+}
+
+/* The cache slot for span (NULL if span is too long to be cached). */
+static inline PyObject **slot_for(PyObject **cache, Span span) {
+    return span.len > CACHED_BYTES ? NULL : &cache[slot_of(span) & (CACHE_SLOTS - 1)];
+}
+
+/* A bytes object equal to span: the one in *slot if equal, else new (and then kept in *slot
+ * unless slot is NULL). New reference. */
+static PyObject *value_object(PyObject **slot, Span span) {
+    if (slot == NULL) {
         return PyBytes_FromStringAndSize(span.ptr, span.len);
     }
-    uint64_t h = 14695981039346656037ull; /* FNV-1a */
-    for (Py_ssize_t i = 0; i < span.len; i++) {
-        h = (h ^ (uint8_t)span.ptr[i]) * 1099511628211ull;
-    }
-    PyObject **slot = &cache[(h ^ (h >> 29)) & (CACHE_SLOTS - 1)];
     if (*slot != NULL && PyBytes_GET_SIZE(*slot) == span.len &&
         memcmp(PyBytes_AS_STRING(*slot), span.ptr, span.len) == 0) {
         return Py_NewRef(*slot);
@@ -441,14 +465,45 @@ static PyObject *value_object(PyObject **cache, Span span) {
     return value;
 }
 
-/* Sets slots[i] (holding a reference to blank) to a bytes object for span i. */
+/* Sets slots[i] (holding a reference to blank) to a bytes object for span i.
+ *
+ * Nearly all the time of a cache hit is two memory loads that miss the CPU caches (the slot,
+ * then the object it holds), so they are prefetched ahead: slot i + 2 * AHEAD, and the object
+ * in slot i + AHEAD, while value i is made. */
+#define AHEAD 8
+#define RING 32 /* > 2 * AHEAD, a power of two */
 static int fill(PyObject **slots, const Span *spans, Py_ssize_t n, PyObject **cache) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *value = value_object(cache, spans[i]);
-        if (value == NULL) {
-            return 0;
+    if (n < 4 * AHEAD) { /* a short run gains nothing from the pipeline */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *value = value_object(slot_for(cache, spans[i]), spans[i]);
+            if (value == NULL) {
+                return 0;
+            }
+            Py_SETREF(slots[i], value);
         }
-        Py_SETREF(slots[i], value);
+        return 1;
+    }
+    PyObject **ring[RING];
+    for (Py_ssize_t i = 0; i < n + 2 * AHEAD; i++) {
+        if (i < n) {
+            PyObject **slot = slot_for(cache, spans[i]);
+            ring[i & (RING - 1)] = slot;
+            if (slot != NULL) {
+                __builtin_prefetch(slot);
+            }
+        }
+        Py_ssize_t j = i - AHEAD;
+        if (j >= 0 && j < n && ring[j & (RING - 1)] != NULL && *ring[j & (RING - 1)] != NULL) {
+            __builtin_prefetch(*ring[j & (RING - 1)]);
+        }
+        Py_ssize_t k = i - 2 * AHEAD;
+        if (k >= 0) {
+            PyObject *value = value_object(ring[k & (RING - 1)], spans[k]);
+            if (value == NULL) {
+                return 0;
+            }
+            Py_SETREF(slots[k], value);
+        }
     }
     return 1;
 }
