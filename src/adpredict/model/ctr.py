@@ -95,7 +95,11 @@ class CTRModel(keras.Model):
 
     def field_rows(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
         """``[B, F, 1+dim]``: each field's (weighted) table row, one gather for all fields."""
-        hashed = self.admit(self.hasher(features))
+        return self.rows_of(self.hasher(features))
+
+    def rows_of(self, hashed: HashedFeatures) -> tf.Tensor:
+        """``field_rows`` from already hashed features (``FeatureHasher``'s output)."""
+        hashed = self.admit(hashed)
         parts = [tf.reshape(hashed.single_ids, [-1])]
         parts += [tf.reshape(ids, [-1]) for ids in hashed.multi_ids]
         rows = tf.gather(self.table, tf.concat(parts, axis=0))
@@ -137,6 +141,10 @@ class CTRModel(keras.Model):
     def logits_and_rows(self, features: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         """Logits ``[B]`` and the looked-up rows ``[B, F, 1+dim]`` (for the L2 penalty)."""
         rows = self.field_rows(features)
+        return self.logits_of(rows), rows
+
+    def logits_of(self, rows: tf.Tensor) -> tf.Tensor:
+        """Logits ``[B]`` from the rows ``field_rows`` (or ``rows_of``) looked up."""
         logit = self.bias + tf.reduce_sum(rows[:, :, 0], axis=1)
         if self.dim:
             v = rows[:, :, 1:]
@@ -148,7 +156,7 @@ class CTRModel(keras.Model):
             for layer in self.mlp:
                 h = layer(h)
             logit += tf.squeeze(self.mlp_out(h), axis=1)
-        return logit, rows
+        return logit
 
     def predict_proba(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
         return tf.sigmoid(self(features))
