@@ -65,13 +65,32 @@ class WireCodec(RequestCodec):
         return super().decode(request)
 
 
+def python_codec(schema: Schema, limits: CodecLimits) -> RequestCodec:
+    """A codec as on a machine where the C extensions (``_scan``, ``_wire``) are not built."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(codec_module, "_native_scan", None)
+        patch.setattr(codec_module, "_wire", None)
+        return RequestCodec(schema, limits)
+
+
+def test_the_python_codec_uses_no_extension() -> None:
+    slow = python_codec(SCHEMA, LIMITS)
+    assert slow._scan is None and slow._wire_plan is None
+    assert codec_module._wire is _WIRE_AT_IMPORT  # the patch is undone
+
+
+_WIRE_AT_IMPORT = codec_module._wire
+
+
 @pytest.fixture(params=["wire", "native", "python"])
 def codec(request: pytest.FixtureRequest) -> RequestCodec:
     """Every codec test runs from wire bytes (C decoder, when built), from a message with the
     C value scan (when built), and from a message with the Python checks alone."""
     if request.param == "wire":
         return WireCodec(SCHEMA, LIMITS)
-    return RequestCodec(SCHEMA, LIMITS, native=request.param == "native")
+    if request.param == "native":
+        return RequestCodec(SCHEMA, LIMITS)
+    return python_codec(SCHEMA, LIMITS)
 
 
 def request(
@@ -392,7 +411,7 @@ _value = st.one_of(
 
 def python_check(values: list[bytes], limit: int, allow_empty: bool, numeric: bool) -> int:
     """The Python checks' verdict on a column: its empties, or -1 if it is refused."""
-    slow = RequestCodec(SCHEMA, CodecLimits(max_value_bytes=limit), native=False)
+    slow = python_codec(SCHEMA, CodecLimits(max_value_bytes=limit))
     try:
         return slow._check("c", values, allow_empty=allow_empty, numeric=numeric)
     except InvalidRequestError:
@@ -446,7 +465,7 @@ def test_scan_settles_the_common_columns_itself() -> None:
 
 _wire = codec_module._wire
 needs_wire = pytest.mark.skipif(_wire is None, reason="adpredict.serving._wire is not built")
-_SLOW = RequestCodec(SCHEMA, LIMITS, native=False)
+_SLOW = python_codec(SCHEMA, LIMITS)
 _FAST = RequestCodec(SCHEMA, LIMITS)
 _NAMES = ["site", "segs", "temp", "ad", "tags", "bid", "nope", "sité"]
 

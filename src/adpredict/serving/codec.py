@@ -148,14 +148,14 @@ class WireRequest:
     data: bytes
 
 
-def predict_parser(*, native: bool = True) -> Callable[[bytes], Any]:
+def predict_parser() -> Callable[[bytes], Any]:
     """The Predict deserializer: a ``WireRequest`` for bytes in the usual shape (``_wire.c``),
     else what ``lenient_parser(PredictRequest)`` returns (a message or ``Undecodable``).
 
-    ``native=False`` (or no ``_wire`` extension) is ``lenient_parser`` alone.
+    Without the ``_wire`` extension it is ``lenient_parser`` alone.
     """
     parse = _parse_predict
-    if not native or _wire is None:
+    if _wire is None:
         return parse
     header = _wire.header
 
@@ -211,11 +211,8 @@ def _object_array(values: list[bytes]) -> np.ndarray:
 class RequestCodec:
     """Validates ``PredictRequest``s for one schema and merges them into model feeds."""
 
-    def __init__(
-        self, schema: Schema, limits: CodecLimits | None = None, *, native: bool = True
-    ) -> None:
-        """``native=False`` ignores the C fast paths (``_scan``, ``_wire``), to test the Python
-        path."""
+    def __init__(self, schema: Schema, limits: CodecLimits | None = None) -> None:
+        """Uses the C fast paths (``_scan``, ``_wire``) that are built, as imported now."""
         self.schema = schema
         self.fingerprint = schema.fingerprint()
         self._context = {f.name: f for f in schema.context_fields}
@@ -225,7 +222,7 @@ class RequestCodec:
             f.name: _readonly(np.full((1, 1) if f.is_multi else (1,), b"", dtype=object))
             for f in schema.context_fields
         }
-        self._scan = _native_scan if native else None
+        self._scan = _native_scan
         self.limits = limits if limits is not None else CodecLimits()
         self._wire_plan = (
             _wire.Plan(
@@ -233,7 +230,7 @@ class RequestCodec:
                 [self._plan_field(f) for f in schema.candidate_fields],
                 self.limits.max_value_bytes,
             )
-            if native and _wire is not None
+            if _wire is not None
             else None
         )
 
