@@ -6,8 +6,8 @@ The server's own code path on pre-serialized requests from the load generator's 
 (``adpredict.loadtest.build_pool``): parse the bytes (``predict_parser``: the header, or upb
 for unusual bytes), validate and decode (``RequestCodec.decode``: from the bytes, in C), merge
 ``--requests-per-batch`` requests into one feed, predict (``LoadedModel.predict``: the tensors
-built from the arrays and the TensorFlow call), split, build each ``PredictResponse`` and
-serialize it. Each stage is timed with process CPU time (``time.process_time``, all threads,
+built from the arrays and the TensorFlow call), split, and serialize each ``PredictResponse``
+(``encode_predict_response``, as the servicer does). Each stage is timed with process CPU time (``time.process_time``, all threads,
 so TensorFlow's executor threads count), summed over ``--batches`` batches. Pin it to one
 core (``taskset -c 1``) to compare with a server pinned to one core. The difference between
 a server's CPU per request and this sum is what serving adds: gRPC and the kernel's loopback
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("parse", "decode", "merge", "predict", "split", "respond", "serialize")
+STAGES = ("parse", "decode", "merge", "predict", "split", "respond")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from adpredict.loadtest import CandidateSpec, build_pool
-    from adpredict.serving.codec import CodecLimits, RequestCodec, predict_parser
+    from adpredict.serving.codec import (
+        CodecLimits,
+        RequestCodec,
+        encode_predict_response,
+        predict_parser,
+    )
     from adpredict.serving.runtime import load_version
-    from adpredict.v1 import prediction_service_pb2 as pb
     from bench_model import find_version_dir  # benchmarks/ is not a package
 
     name, vdir = find_version_dir(args.model_dir)
@@ -75,16 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         t["merge"], t["predict"], t["split"] = t1 - t0, t2 - t1, t3 - t2
         for (request, _), part in zip(parsed, parts, strict=True):
             t0 = clock()
-            response = pb.PredictResponse(
-                request_id=request.request_id, probabilities=part.tolist(), model=name,
+            encode_predict_response(
+                request_id=request.request_id, probabilities=part, model=name,
                 model_version=model.version, queue_us=1, compute_us=1, batch_predictions=1,
                 batch_requests=1,
             )  # fmt: skip
-            t1 = clock()
-            response.SerializeToString()
-            t2 = clock()
-            t["respond"] += t1 - t0
-            t["serialize"] += t2 - t1
+            t["respond"] += clock() - t0
         if not warm:
             requests += args.requests_per_batch
             for stage in STAGES:

@@ -21,6 +21,7 @@ from adpredict.serving.codec import (
     RequestCodec,
     Undecodable,
     WireRequest,
+    encode_predict_response,
     lenient_parser,
     predict_parser,
     require_decoded,
@@ -682,3 +683,46 @@ def test_wire_plan_refuses_a_bad_schema_description() -> None:
         _wire.Plan([("a", 0, 1, None)], [], 256)
     with pytest.raises(ValueError, match="PyCapsule"):  # not a Plan
         _wire.decode(b"", object(), 1)
+
+
+# ------------------------------------------------------------------- the Predict response
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    request_id=st.text(max_size=40),
+    probabilities=st.lists(st.floats(width=32, allow_nan=False), max_size=300),
+    model=st.text(max_size=20),
+    model_version=st.integers(0, 2**63 - 1),
+    counters=st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4),
+)
+def test_predict_response_bytes_are_protobufs_own(
+    request_id: str,
+    probabilities: list[float],
+    model: str,
+    model_version: int,
+    counters: list[int],
+) -> None:
+    fields = dict(
+        request_id=request_id,
+        model=model,
+        model_version=model_version,
+        queue_us=counters[0] * 2**31,  # uint64: beyond 32 bits too
+        compute_us=counters[1],
+        batch_predictions=counters[2],
+        batch_requests=counters[3],
+    )
+    array = np.array(probabilities, dtype=np.float32)
+    body = encode_predict_response(probabilities=array, **fields)
+    expected = pb.PredictResponse(probabilities=array.tolist(), **fields)
+    assert body == expected.SerializeToString()
+    assert pb.PredictResponse.FromString(body) == expected
+
+
+def test_predict_response_takes_a_strided_slice() -> None:
+    whole = np.arange(10, dtype=np.float32) / 10
+    body = encode_predict_response(
+        request_id="r", probabilities=whole[::3], model="m", model_version=1, queue_us=0,
+        compute_us=0, batch_predictions=0, batch_requests=0,
+    )  # fmt: skip
+    assert list(pb.PredictResponse.FromString(body).probabilities) == whole[::3].tolist()

@@ -61,6 +61,7 @@ __all__ = [
     "RequestCodec",
     "Undecodable",
     "WireRequest",
+    "encode_predict_response",
     "lenient_parser",
     "predict_parser",
     "require_decoded",
@@ -164,6 +165,59 @@ def predict_parser() -> Callable[[bytes], Any]:
         return parse(data) if head is None else WireRequest(*head, data)
 
     return parse_wire
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative integer below 2**64."""
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _text_field(tag: bytes, value: str) -> bytes:
+    data = value.encode("utf-8")
+    return tag + _varint(len(data)) + data if data else b""
+
+
+def _int_field(tag: bytes, value: int) -> bytes:
+    return tag + _varint(value) if value else b""
+
+
+def encode_predict_response(
+    *,
+    request_id: str,
+    probabilities: np.ndarray,
+    model: str,
+    model_version: int,
+    queue_us: int,
+    compute_us: int,
+    batch_predictions: int,
+    batch_requests: int,
+) -> bytes:
+    """A serialized ``PredictResponse``, the same bytes ``SerializeToString`` makes.
+
+    The probabilities (float32 ``[K]``) are copied as one packed block: no Python float per
+    candidate and no message object. Integers must be in their field's range (non-negative;
+    ``model_version`` below 2**63).
+    """
+    packed = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+    return b"".join(
+        (
+            _text_field(b"\x0a", request_id),
+            b"\x12" + _varint(len(packed)) + packed if packed else b"",
+            _text_field(b"\x1a", model),
+            _int_field(b"\x20", model_version),
+            _int_field(b"\x28", queue_us),
+            _int_field(b"\x30", compute_us),
+            _int_field(b"\x38", batch_predictions),
+            _int_field(b"\x40", batch_requests),
+        )
+    )
 
 
 def require_decoded(request: Any) -> None:

@@ -286,13 +286,12 @@ class NativeFrontend:
             raise
         except Exception as exc:  # a bug here must still answer the call
             logger.exception("native front end failed to answer a call")
-            outcome = Outcome(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", None)
-        if self._cap is not None and method == _PREDICT and outcome.response is not None:
+            outcome = Outcome(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", b"")
+        if self._cap is not None and method == _PREDICT and outcome.code is grpc.StatusCode.OK:
             self._cap.observe(time.monotonic() - received_at)
         code = outcome.code.value[0]
-        body = outcome.response.SerializeToString() if outcome.response is not None else b""
         try:
-            self._intake.finish(call_id, code, outcome.details, body)
+            self._intake.finish(call_id, code, outcome.details, outcome.body)
         except ValueError:  # the intake already gave up on the call (stopped after its grace)
             logger.debug("call %d was cancelled before its answer", call_id)
 

@@ -49,6 +49,7 @@ from adpredict.serving.codec import (
     RequestCodec,
     Undecodable,
     WireRequest,
+    encode_predict_response,
     lenient_parser,
     predict_parser,
     require_decoded,
@@ -90,11 +91,11 @@ class Runtime(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How one RPC ended: OK with ``response``, or another code with ``details``."""
+    """How one RPC ended: OK with ``body``, or another code with ``details``."""
 
     code: grpc.StatusCode
     details: str
-    response: Any  # the response message when code is OK, else None
+    body: bytes  # the serialized response message when code is OK, else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,11 @@ class SliceResult:
 def join_results(parts: list[SliceResult]) -> SliceResult:
     """A split request's slices back in order; the version is the last slice's (newest)."""
     return SliceResult(np.concatenate([p.probabilities for p in parts]), parts[-1].version)
+
+
+def _serialized(body: bytes) -> bytes:
+    """The handlers' response serializer: the servicer answers with serialized messages."""
+    return body
 
 
 class ServiceObserver:
@@ -243,12 +249,12 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             "Predict": grpc.unary_unary_rpc_method_handler(
                 self.Predict,
                 request_deserializer=predict_parser(),
-                response_serializer=pb.PredictResponse.SerializeToString,
+                response_serializer=_serialized,
             ),
             "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
                 self.GetModelMetadata,
                 request_deserializer=lenient_parser(pb.GetModelMetadataRequest),
-                response_serializer=pb.GetModelMetadataResponse.SerializeToString,
+                response_serializer=_serialized,
             ),
         }
         service = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
@@ -269,13 +275,12 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     # ---------------------------------------------------------------------------------- RPCs
 
-    async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PredictResponse:
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """The serialized ``PredictResponse`` (``add_to_server``'s handlers send it as is)."""
         outcome = await self.predict_outcome(request, budget_s=context.time_remaining())
         if outcome.code is not grpc.StatusCode.OK:
             await context.abort(outcome.code, outcome.details)
-        return outcome.response
+        return outcome.body
 
     async def predict_outcome(
         self,
@@ -331,9 +336,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                     f"answer ready {(now - deadline) * 1e3:.3f} ms after the deadline "
                     f"(budget {(deadline - started) * 1e3:.3f} ms)"
                 )
-            response = pb.PredictResponse(
+            body = encode_predict_response(
                 request_id=request.request_id,
-                probabilities=done.result.probabilities.tolist(),
+                probabilities=done.result.probabilities,
                 model=model_name,
                 model_version=done.result.version,
                 queue_us=round(done.queue_s * 1e6),
@@ -347,15 +352,16 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         except Exception as exc:
             return self._failed(exc, "Predict", model_name, started)
         self._done("Predict", model_name, grpc.StatusCode.OK, started)
-        return Outcome(grpc.StatusCode.OK, "", response)
+        return Outcome(grpc.StatusCode.OK, "", body)
 
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetModelMetadataResponse:
+    ) -> bytes:
+        """The serialized ``GetModelMetadataResponse`` (see ``Predict``)."""
         outcome = self.metadata_outcome(request)
         if outcome.code is not grpc.StatusCode.OK:
             await context.abort(outcome.code, outcome.details)
-        return outcome.response
+        return outcome.body
 
     def metadata_outcome(
         self, request: pb.GetModelMetadataRequest | Undecodable, started: float | None = None
@@ -368,11 +374,11 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             require_decoded(request)
             model = self._runtime.get(request.model)
             model_name = model.name
-            response = self._metadata(model)
+            body = self._metadata(model).SerializeToString()
         except Exception as exc:
             return self._failed(exc, "GetModelMetadata", model_name, started)
         self._done("GetModelMetadata", model_name, grpc.StatusCode.OK, started)
-        return Outcome(grpc.StatusCode.OK, "", response)
+        return Outcome(grpc.StatusCode.OK, "", body)
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -461,7 +467,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         """The outcome for ``exc`` (its status from ``status.status_for``), recorded."""
         code, details = status.status_for(exc)
         self._done(method, model, code, started)
-        return Outcome(code, details, None)
+        return Outcome(code, details, b"")
 
     def _done(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
         self._notify(self._observer.request_done, method, model, code, self._clock.now() - started)
