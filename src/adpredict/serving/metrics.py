@@ -349,63 +349,52 @@ class _ServiceMetrics(ServiceObserver):
 
     def __init__(self, m: ServingMetrics) -> None:
         self._m = m
-        self._done: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
-        self._in_flight = {
-            method: m.in_flight.labels(method) for method in ("Predict", "GetModelMetadata")
-        }
-        self._over_sla: dict[str, Any] = {}
-        self._candidates: dict[str, Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, made once per label set."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def batch_observer(self, model: str) -> BatchObserver:
         # The Predict outcomes alerts divide by exist from the start, at 0: rate() over a
         # series that appears only with its first event would miss that event.
         for code in _PREDICT_CODES:
-            self._m.requests.labels("Predict", model, code)
-        self._m.over_sla.labels(model)
+            self._child(self._m.requests, "Predict", model, code)
+        self._child(self._m.over_sla, model)
         return _BatchMetrics(self._m, model)
 
     def request_started(self, method: str) -> None:
-        self._in_flight[method].inc()
+        self._child(self._m.in_flight, method).inc()
 
     def request_decoded(self, model: str, candidates: int, missing: int) -> None:
-        child = self._candidates.get(model)
-        if child is None:
-            child = self._candidates[model] = self._m.candidates.labels(model)
-        child.inc(candidates)
+        self._child(self._m.candidates, model).inc(candidates)
 
     def request_late(self, model: str) -> None:
-        self._m.timeouts.labels(model, _TIMEOUT_LATE).inc()
+        self._child(self._m.timeouts, model, _TIMEOUT_LATE).inc()
 
     def intake_refused(self, method: str, reason: str, count: int) -> None:
         # The model is unknown here (the request was never parsed): model="".
         code, kind = _INTAKE[reason]
-        self._m.requests.labels(method, "", code).inc(count)
+        self._child(self._m.requests, method, "", code).inc(count)
         if method != "Predict":
             return
         if code == "CANCELLED":
-            self._m.cancellations.labels("").inc(count)
+            self._child(self._m.cancellations, "").inc(count)
         elif code == "DEADLINE_EXCEEDED":
-            self._m.timeouts.labels("", kind).inc(count)
+            self._child(self._m.timeouts, "", kind).inc(count)
         else:
-            self._m.rejections.labels("", kind).inc(count)
+            self._child(self._m.rejections, "", kind).inc(count)
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        key = (method, model, code)
-        children = self._done.get(key)
-        if children is None:
-            children = (
-                self._m.requests.labels(method, model, code.name),
-                self._m.request_duration.labels(method, model),
-            )
-            self._done[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
-        self._in_flight[method].dec()
+        self._child(self._m.requests, method, model, code.name).inc()
+        self._child(self._m.request_duration, method, model).observe(seconds)
+        self._child(self._m.in_flight, method).dec()
         if code is grpc.StatusCode.OK and method == "Predict" and seconds > self._m.sla_s:
-            child = self._over_sla.get(model)
-            if child is None:
-                child = self._over_sla[model] = self._m.over_sla.labels(model)
-            child.inc()
+            self._child(self._m.over_sla, model).inc()
 
 
 class _BatchMetrics(BatchObserver):
