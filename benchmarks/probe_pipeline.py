@@ -7,8 +7,9 @@ The server's own code path on pre-serialized requests from the load generator's 
 for unusual bytes), validate and decode (``RequestCodec.decode``: from the bytes, in C), merge
 ``--requests-per-batch`` requests into one feed, predict (``LoadedModel.predict``: the tensors
 built from the arrays and the TensorFlow call), split, and serialize each ``PredictResponse``
-(``encode_predict_response``, as the servicer does). Each stage is timed with process CPU time (``time.process_time``, all threads,
-so TensorFlow's executor threads count), summed over ``--batches`` batches. Pin it to one
+(``encode_predict_response``, as the servicer does). Each stage is timed with process CPU
+time (``time.process_time``, all threads, so TensorFlow's executor threads count), summed
+over ``--batches`` batches. Pin it to one
 core (``taskset -c 1``) to compare with a server pinned to one core. The difference between
 a server's CPU per request and this sum is what serving adds: gRPC and the kernel's loopback
 TCP, the event loop, the batcher and thread hand-offs.
