@@ -148,3 +148,33 @@ def test_resolve_and_read_metadata_errors(tmp_path: Path) -> None:
     (tmp_path / "1" / "adpredict.json").write_text("{not json")
     with pytest.raises(ModelError, match="unreadable metadata"):
         export.read_metadata(tmp_path / "1")
+
+
+def _rows_feed(model: CTRModel, feats: dict[str, np.ndarray]) -> dict[str, tf.Tensor]:
+    """What the C decoder is to hand ``serving_rows``: ``FeatureHasher``'s rows per scope."""
+    tensors = {k: tf.constant(v.tolist() if v.dtype == object else v) for k, v in feats.items()}
+    feed: dict[str, tf.Tensor] = {"request_index": tensors["request_index"]}
+    for scope in ("context", "candidate"):
+        single, multi = model.hasher._scope(scope, tensors)
+        names = [f.name for f in model.hasher.single_fields if f.scope == scope]
+        feed[f"{scope}_rows"] = tf.stack([single[n] for n in names], axis=1)
+        for name, (ids, weights) in multi.items():
+            feed[f"{name}_rows"], feed[f"{name}_weights"] = ids, weights
+    return feed
+
+
+def test_rows_signature_answers_as_the_string_signature(model: CTRModel, tmp_path: Path) -> None:
+    schema = model.schema
+    requests, candidates = 3, 8
+    ctx = _features(schema, requests, seed=4)
+    cand = _features(schema, candidates, seed=5)
+    feats = {f.name: (ctx if f.scope == "context" else cand)[f.name] for f in schema.fields}
+    feats["request_index"] = np.array([0, 0, 0, 1, 1, 2, 2, 2], dtype=np.int32)
+    result = export.export_model(model, tmp_path / "m", {})
+    loaded = tf.saved_model.load(str(result.path))
+    strings = loaded.signatures[export.SIGNATURE](
+        **{k: tf.constant(v.tolist() if v.dtype == object else v) for k, v in feats.items()}
+    )[export.OUTPUT].numpy()
+    rows = loaded.signatures[export.ROWS_SIGNATURE](**_rows_feed(model, feats))[export.OUTPUT]
+    np.testing.assert_allclose(rows.numpy(), strings, rtol=1e-6, atol=1e-7)
+    assert len(set(np.round(strings, 6))) > 1  # not a constant model

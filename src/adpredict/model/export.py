@@ -2,7 +2,7 @@
 
 Layout (TensorFlow Serving's)::
 
-    MODELS/NAME/1/saved_model.pb       serving signature, no optimizer slots
+    MODELS/NAME/1/saved_model.pb       serving signatures, no optimizer slots
     MODELS/NAME/1/variables/...
     MODELS/NAME/1/adpredict.json       metadata: schema, metrics, data rows, creation time
     MODELS/NAME/.checkpoints/1/        training checkpoint WITH optimizer slots (optional)
@@ -17,6 +17,17 @@ Serving signature ``serving_default`` (all inputs are required):
              <candidate field>  string [B] (multi-valued: [B, M])            one row per candidate
              request_index      int32  [B]   the request (0..R-1) each candidate belongs to
     outputs  probability        float32 [B]  click probability per candidate
+
+Signature ``serving_rows`` (same weights and output; ``rows_input_signature``): the inputs are
+the table rows ``FeatureHasher`` computes from those strings, so a caller that hashes the
+values itself (adpredict's server, in its C decoder) skips the string tensors and the graph's
+hashing:
+
+    inputs   context_rows       int64  [R, Sc]  single-valued context fields, schema order
+             candidate_rows     int64  [B, Sk]  single-valued candidate fields, schema order
+             <multi>_rows       int64  [R or B, W]  per multi-valued field, by its scope
+             <multi>_weights    float32 [R or B, W] 1/count per value, padding 0
+             request_index      int32  [B]
 """
 
 from __future__ import annotations
@@ -36,10 +47,12 @@ import tensorflow as tf
 from adpredict import __version__
 from adpredict.errors import ModelError, ModelNotFoundError
 from adpredict.model.ctr import CTRModel, serving_input_signature
+from adpredict.model.features import HashedFeatures
 from adpredict.schema import Schema
 
 METADATA_FILE = "adpredict.json"
 SIGNATURE = "serving_default"
+ROWS_SIGNATURE = "serving_rows"
 OUTPUT = "probability"
 CHECKPOINTS = ".checkpoints"
 #: Canonical positive integers only ("007", "0" and non-ASCII digits are not versions).
@@ -70,6 +83,55 @@ class _ServingModule(tf.Module):
             return {OUTPUT: tf.sigmoid(model(features))}
 
         self.serve = tf.function(serve, input_signature=[serving_input_signature(model.schema)])
+        hasher = model.hasher
+        single = hasher.single_fields
+        ctx = [f for f in single if f.scope == "context"]
+        cand = [f for f in single if f.scope == "candidate"]
+        # Column of each single-valued field in concat(context rows, candidate rows).
+        order = [f.name for f in ctx + cand]
+        perm = tf.constant([order.index(f.name) for f in single], tf.int32)
+
+        def serve_rows(rows: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            index = rows["request_index"]
+            ids = tf.concat([tf.gather(rows["context_rows"], index), rows["candidate_rows"]], 1)
+            multi_ids, multi_weights = [], []
+            for f in hasher.multi_fields:
+                r, w = rows[f"{f.name}_rows"], rows[f"{f.name}_weights"]
+                if f.scope == "context":
+                    r, w = tf.gather(r, index), tf.gather(w, index)
+                multi_ids.append(r)
+                multi_weights.append(w)
+            hashed = HashedFeatures(
+                tf.gather(ids, perm, axis=1), tuple(multi_ids), tuple(multi_weights)
+            )
+            return {OUTPUT: tf.sigmoid(model.logits_of(model.rows_of(hashed)))}
+
+        self.serve_rows = tf.function(serve_rows, input_signature=[rows_input_signature(model)])
+
+
+def rows_input_signature(model: CTRModel) -> dict[str, tf.TensorSpec]:
+    """Inputs of ``serving_rows``: the table rows ``FeatureHasher`` computes per scope.
+
+    ``context_rows`` int64 ``[R, Sc]`` and ``candidate_rows`` ``[B, Sk]`` (single-valued
+    fields of each scope, schema order), ``<field>_rows`` int64 / ``<field>_weights`` float32
+    ``[N, W]`` per multi-valued field (N = R or B by scope), ``request_index`` int32 ``[B]``.
+    """
+    single = model.hasher.single_fields
+    spec = {
+        "context_rows": tf.TensorSpec(
+            [None, sum(f.scope == "context" for f in single)], tf.int64, name="context_rows"
+        ),
+        "candidate_rows": tf.TensorSpec(
+            [None, sum(f.scope == "candidate" for f in single)], tf.int64, name="candidate_rows"
+        ),
+        "request_index": tf.TensorSpec([None], tf.int32, name="request_index"),
+    }
+    for f in model.hasher.multi_fields:
+        spec[f"{f.name}_rows"] = tf.TensorSpec([None, None], tf.int64, name=f"{f.name}_rows")
+        spec[f"{f.name}_weights"] = tf.TensorSpec(
+            [None, None], tf.float32, name=f"{f.name}_weights"
+        )
+    return spec
 
 
 def dir_bytes(path: Path) -> int:
@@ -119,7 +181,12 @@ def export_model(
     try:
         module = _ServingModule(model)
         tf.saved_model.save(
-            module, str(tmp), signatures={SIGNATURE: module.serve.get_concrete_function()}
+            module,
+            str(tmp),
+            signatures={
+                SIGNATURE: module.serve.get_concrete_function(),
+                ROWS_SIGNATURE: module.serve_rows.get_concrete_function(),
+            },
         )
         meta = dict(metadata)
         meta.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
