@@ -60,10 +60,10 @@ LIMITS = CodecLimits(max_candidates=5, max_value_bytes=256)
 class WireCodec(RequestCodec):
     """Decodes each message from its wire bytes (``predict_parser``), as the servers do."""
 
-    def decode(self, request: object) -> ParsedRequest:
+    def decode(self, request: object, *, rows: bool = False) -> ParsedRequest:
         if isinstance(request, pb.PredictRequest):
             request = predict_parser()(request.SerializeToString())
-        return super().decode(request)
+        return super().decode(request, rows=rows)
 
 
 def python_codec(schema: Schema, limits: CodecLimits) -> RequestCodec:
@@ -726,3 +726,123 @@ def test_predict_response_takes_a_strided_slice() -> None:
         compute_us=0, batch_predictions=0, batch_requests=0,
     )  # fmt: skip
     assert list(pb.PredictResponse.FromString(body).probabilities) == whole[::3].tolist()
+
+
+# ------------------------------------------------- the rows layout (the serving_rows feed)
+# The hashes themselves are checked against TensorFlow's in test_codec_rows.py.
+
+
+def _weighted(rows: np.ndarray, weights: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Each row's (table row, weight) pairs with a weight, sorted: what the graph sums."""
+    return [sorted((int(r), float(w)) for r, w in zip(rr, ww, strict=True) if w > 0)
+            for rr, ww in zip(rows, weights, strict=True)]  # fmt: skip
+
+
+def _rows_view(columns: dict[str, object]) -> dict[str, object]:
+    return {
+        name: _weighted(*value) if isinstance(value, tuple) else value.tolist()
+        for name, value in columns.items()
+    }
+
+
+def rows_outcome(codec: RequestCodec, request: object, *, hash_here: bool) -> tuple[object, ...]:
+    """What decode made of a request in the rows layout, or the error's message.
+
+    ``hash_here``: decode to strings, then hash in Python (the fallback's conversion), to
+    compare with the C decoder writing rows itself."""
+    try:
+        require_decoded(request)
+        if hash_here:
+            parsed = codec._to_rows(codec.decode(request), None)
+        else:
+            parsed = codec.decode(request, rows=True)
+    except InvalidRequestError as exc:
+        return ("refused", str(exc))
+    assert parsed.rows
+    return (
+        "decoded",
+        parsed.size,
+        parsed.missing,
+        _rows_view(dict(parsed.context)),
+        _rows_view(dict(parsed.candidates)),
+    )
+
+
+@needs_wire
+@settings(max_examples=1500, deadline=None)
+@given(data=st.one_of(_usual_messages(), _messages()))
+def test_rows_decoder_answers_as_the_strings_hashed(data: bytes) -> None:
+    """From bytes, decode(rows=True) (the C decoder writing rows, else the fallback) gives the
+    rows the strings give when hashed value by value, or refuses with the same message."""
+    wire = predict_parser()(data)
+    parsed = lenient_parser(pb.PredictRequest)(data)
+    assert rows_outcome(_FAST, wire, hash_here=False) == rows_outcome(_SLOW, parsed, hash_here=True)
+    assert rows_outcome(_FAST, wire, hash_here=False)[0] == outcome(_SLOW, parsed)[0]
+
+
+def request_of(site: bytes, segs: list[bytes], ads: list[bytes]) -> pb.PredictRequest:
+    k = len(ads)
+    tags = [[b"t%d" % j for j in range(i % 3)] for i in range(k)]
+    columns = {
+        "ad": (ads, []),
+        "bid": ([b"1.5"] * k, []),
+        "tags": ([t for row in tags for t in row], [len(row) for row in tags]),
+    }
+    return request(k=k, context={"site": [site], "segs": segs}, columns=columns)
+
+
+@needs_wire
+def test_merge_rows_gives_the_rows_signature_inputs() -> None:
+    codec = RequestCodec(SCHEMA, LIMITS)
+    wire = WireCodec(SCHEMA, LIMITS)
+    made = [
+        (b"a.com", [b"s1"], [b"a0", b"a1", b"a2"]),
+        (b"b.com", [b"s1", b"s2", b"s3"], [b"b0", b"b1"]),
+        (b"", [], [b"c0"]),
+    ]
+    parts = [wire.decode(request_of(*m), rows=True) for m in made]
+    feed = codec.merge([parts[0], Slice(parts[1], 1, 2), parts[2]], rows=True)
+    assert set(feed) == {
+        "context_rows", "candidate_rows", "segs_rows", "segs_weights", "tags_rows",
+        "tags_weights", REQUEST_INDEX,
+    }  # fmt: skip
+    off = SCHEMA.offsets()
+    assert feed["context_rows"].dtype == np.int64 and feed["context_rows"].shape == (3, 2)
+    assert feed["candidate_rows"].shape == (5, 2)  # ad, bid for 3 + 1 + 1 candidates
+    assert feed[REQUEST_INDEX].tolist() == [0, 0, 0, 1, 2]
+    assert feed["context_rows"][2].tolist() == [off["site"], off["temp"]]  # empty, absent
+    assert feed["candidate_rows"][:, 1].tolist() == [off["bid"] + 2] * 5  # 1.5 in [1, 2)
+    assert feed["segs_weights"].dtype == np.float32
+    # The same feed as the strings merged, then hashed.
+    strings = [codec.decode(request_of(*m)) for m in made]
+    hashed = codec.rows_feed(codec.merge([strings[0], Slice(strings[1], 1, 2), strings[2]]))
+    assert _rows_view({k: v for k, v in feed.items() if not k.startswith(("segs", "tags"))}) == (
+        _rows_view({k: v for k, v in hashed.items() if not k.startswith(("segs", "tags"))})
+    )
+    for name in ("segs", "tags"):
+        assert _weighted(feed[f"{name}_rows"], feed[f"{name}_weights"]) == _weighted(
+            hashed[f"{name}_rows"], hashed[f"{name}_weights"]
+        ), name
+
+
+@needs_wire
+def test_merge_takes_parts_decoded_in_the_other_layout() -> None:
+    """A hot swap between a version with serving_rows and one without, while requests wait."""
+    codec = RequestCodec(SCHEMA, LIMITS)
+    wire = WireCodec(SCHEMA, LIMITS)
+    made = [(b"a.com", [b"s1"], [b"a0", b"a1"]), (b"b.com", [b"s2", b"s3"], [b"b0"])]
+    strings = [wire.decode(request_of(*m)) for m in made]
+    rows = [wire.decode(request_of(*m), rows=True) for m in made]
+    as_strings = codec.merge(strings)
+    assert {k: v.tolist() for k, v in codec.merge([rows[0], strings[1]]).items()} == {
+        k: v.tolist() for k, v in as_strings.items()
+    }
+    as_rows = codec.merge(rows, rows=True)
+    mixed = codec.merge([strings[0], rows[1]], rows=True)
+    assert set(mixed) == set(as_rows)
+    for name in ("context_rows", "candidate_rows", REQUEST_INDEX):
+        assert mixed[name].tolist() == as_rows[name].tolist(), name
+    for name in ("segs", "tags"):
+        assert _weighted(mixed[f"{name}_rows"], mixed[f"{name}_weights"]) == _weighted(
+            as_rows[f"{name}_rows"], as_rows[f"{name}_weights"]
+        ), name

@@ -21,24 +21,39 @@
  *   None if not (or if it is not valid protobuf at all). When this passes, upb parses the same
  *   bytes to a message with these three fields and the same map contents.
  *
- * Plan(context, candidates, max_value_bytes) -> a plan, built once per codec
+ * Plan(context, candidates, max_value_bytes[, rows]) -> a plan, built once per codec
  *   context / candidates: sequences of (name: bytes, kind: int, max_values: int, absent) with
  *   kind 0 categorical, 1 multi_categorical, 2 numeric, and `absent` the read-only array a
  *   context field gets when it is missing (None for candidate fields).
+ *   rows: one (buckets, offset, boundaries) per field, context then candidates (the model's
+ *   table layout, features.py): a rows plan, see decode.
  *
  * decode(data, plan, k) -> (context: dict, candidates: dict, missing: int) or None
  *   For bytes that passed header() with num_candidates == k. The arrays are exactly what
  *   RequestCodec.decode returns for the parsed message; None when any check might fail (or
  *   the numbers are not short plain decimals, see safe_decimal): the full path decides.
+ *   With a rows plan, after the same checks, each value becomes its row in the model's table
+ *   instead of a bytes object (RequestCodec's rows layout: int64 [n] per single-valued field,
+ *   (rows int64, weights float32) [n, widest + 1] per multi-valued one), hashed as the graph
+ *   hashes: FarmHash Fingerprint64 (_farmhash.h, TensorFlow's to_hash_bucket_fast) for
+ *   categorical values, strtof + upper_bound in float32 for numeric ones.
+ *
+ * fingerprint64(data), numeric_bucket(value, boundaries): the same two hashes for one value
+ *   (the codec's fallback hashes what upb decoded with them; the tests check them against
+ *   TensorFlow).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <locale.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include "_farmhash.h"
 #include "_values.h"
 
 enum { WT_VARINT = 0, WT_LEN = 2 };
@@ -223,6 +238,10 @@ typedef struct {
     int kind;
     Py_ssize_t max_values;
     PyObject *absent; /* context fields: the shared array for "missing" */
+    /* rows plans only (see decode): the field's table range and numeric boundaries */
+    int64_t buckets, offset;
+    float *bounds;
+    Py_ssize_t n_bounds;
 } FieldPlan;
 
 /* Value objects already made, direct-mapped by a hash of their bytes. Feature values repeat
@@ -236,6 +255,7 @@ typedef struct {
     Py_ssize_t n_context, n_candidates, max_value_bytes;
     FieldPlan *fields; /* context fields, then candidate fields */
     PyObject **cache;  /* CACHE_SLOTS entries, each NULL or a bytes object */
+    int rows;          /* decode to the model's table rows instead of bytes objects */
 } Plan;
 
 static const char *PLAN = "adpredict.serving._wire.Plan";
@@ -249,6 +269,7 @@ static void free_plan(PyObject *capsule) {
         Py_XDECREF(plan->fields[i].name);
         Py_XDECREF(plan->fields[i].key);
         Py_XDECREF(plan->fields[i].absent);
+        PyMem_Free(plan->fields[i].bounds);
     }
     for (Py_ssize_t i = 0; plan->cache != NULL && i < CACHE_SLOTS; i++) {
         Py_XDECREF(plan->cache[i]);
@@ -282,10 +303,56 @@ static int plan_fields(PyObject *seq, FieldPlan *out, Py_ssize_t n, int context)
     return 1;
 }
 
+/* The rows configuration: one (buckets, offset, boundaries) per field, context then
+ * candidates, as features.py lays out the model's table. */
+static int plan_rows(PyObject *rows, Plan *plan) {
+    Py_ssize_t n = plan->n_context + plan->n_candidates;
+    PyObject *seq = PySequence_Fast(rows, "Plan: rows must be a sequence");
+    if (seq == NULL) {
+        return 0;
+    }
+    int ok = PySequence_Fast_GET_SIZE(seq) == n;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "Plan: one rows entry per field");
+    }
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        FieldPlan *f = &plan->fields[i];
+        PyObject *bounds;
+        long long buckets, offset;
+        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "LLO:Plan rows", &buckets,
+                              &offset, &bounds);
+        if (ok && (buckets < 2 || offset < 0)) {
+            PyErr_SetString(PyExc_ValueError, "Plan: rows need buckets >= 2 and offset >= 0");
+            ok = 0;
+        }
+        PyObject *b = ok ? PySequence_Fast(bounds, "Plan: boundaries must be a sequence") : NULL;
+        ok = b != NULL;
+        if (ok) {
+            f->buckets = buckets;
+            f->offset = offset;
+            f->n_bounds = PySequence_Fast_GET_SIZE(b);
+            f->bounds = PyMem_Malloc((size_t)(f->n_bounds + 1) * sizeof(float));
+            ok = f->bounds != NULL;
+            for (Py_ssize_t j = 0; ok && j < f->n_bounds; j++) {
+                double x = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(b, j));
+                ok = !(x == -1.0 && PyErr_Occurred());
+                f->bounds[j] = (float)x;
+            }
+            if (f->bounds == NULL) {
+                PyErr_NoMemory();
+            }
+        }
+        Py_XDECREF(b);
+    }
+    Py_DECREF(seq);
+    plan->rows = ok;
+    return ok;
+}
+
 static PyObject *make_plan(PyObject *self, PyObject *args) {
-    PyObject *context, *candidates;
+    PyObject *context, *candidates, *rows = Py_None;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "OOn:Plan", &context, &candidates, &limit)) {
+    if (!PyArg_ParseTuple(args, "OOn|O:Plan", &context, &candidates, &limit, &rows)) {
         return NULL;
     }
     PyObject *ctx = PySequence_Fast(context, "Plan: context must be a sequence");
@@ -303,7 +370,8 @@ static PyObject *make_plan(PyObject *self, PyObject *args) {
         plan->fields = PyMem_Calloc(plan->n_context + plan->n_candidates + 1, sizeof(FieldPlan));
         plan->cache = PyMem_Calloc(CACHE_SLOTS, sizeof(PyObject *));
         if (plan->fields != NULL && plan->cache != NULL && plan_fields(ctx, plan->fields, plan->n_context, 1) &&
-            plan_fields(cand, plan->fields + plan->n_context, plan->n_candidates, 0)) {
+            plan_fields(cand, plan->fields + plan->n_context, plan->n_candidates, 0) &&
+            (rows == Py_None || plan_rows(rows, plan))) {
             capsule = PyCapsule_New(plan, PLAN, free_plan);
         }
     }
@@ -498,6 +566,144 @@ static int fill(PyObject **slots, const Span *spans, Py_ssize_t n, PyObject **ca
     return 1;
 }
 
+/* The bucket the model gives a numeric value: 0 if it is empty or not finite as float32, else
+ * 1 + the number of boundaries <= it (tf.strings.to_number to float32, then Bucketize, whose
+ * upper_bound compares in float32). The parse is strtof in the C locale: correctly rounded,
+ * as TensorFlow's. */
+static locale_t c_locale(void) {
+    static locale_t c = (locale_t)0;
+    if (c == (locale_t)0) {
+        c = newlocale(LC_ALL_MASK, "C", (locale_t)0);
+    }
+    return c;
+}
+
+static Py_ssize_t numeric_bucket_of(const char *p, Py_ssize_t len, const float *bounds,
+                                    Py_ssize_t n) {
+    char small[128];
+    if (len == 0) {
+        return 0;
+    }
+    char *buf = len < (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)len + 1);
+    if (buf == NULL) {
+        return -1;
+    }
+    memcpy(buf, p, (size_t)len);
+    buf[len] = '\0';
+    locale_t c = c_locale();
+    char *end = buf;
+    float x = c != (locale_t)0 ? strtof_l(buf, &end, c) : 0.0f; /* no C locale: not parsed */
+    int parsed = end == buf + len;
+    if (buf != small) {
+        PyMem_Free(buf);
+    }
+    if (!parsed) {
+        return -1;
+    }
+    if (!isfinite(x)) {
+        return 0;
+    }
+    Py_ssize_t lo = 0, hi = n; /* upper_bound: first boundary > x */
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (bounds[mid] <= x) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo + 1;
+}
+
+/* The row of one value of a single-valued field (features.py): categorical
+ * ((fp mod 2^62) mod (buckets - 1)) + 1, numeric its bucket, missing 0; plus the offset.
+ * -1: a numeric value that does not parse (not for the fast path). */
+static int64_t single_row(const FieldPlan *f, Span v) {
+    if (v.len == 0) {
+        return f->offset;
+    }
+    if (f->kind == KIND_NUMERIC) {
+        Py_ssize_t b = numeric_bucket_of(v.ptr, v.len, f->bounds, f->n_bounds);
+        return b < 0 ? -1 : f->offset + b;
+    }
+    uint64_t fp = fh_fingerprint64(v.ptr, (size_t)v.len) & ((1ULL << 62) - 1);
+    return f->offset + 1 + (int64_t)(fp % (uint64_t)(f->buckets - 1));
+}
+
+/* [n] int64 rows of a single-valued column (n spans); NULL without error: give up. */
+static PyObject *single_rows(const FieldPlan *f, const Span *spans, Py_ssize_t n) {
+    npy_intp dims[1] = {n};
+    PyObject *array = PyArray_SimpleNew(1, dims, NPY_INT64);
+    if (array == NULL) {
+        return NULL;
+    }
+    int64_t *out = PyArray_DATA((PyArrayObject *)array);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = single_row(f, spans[i]);
+        if (out[i] < 0) {
+            Py_DECREF(array);
+            return NULL;
+        }
+    }
+    return array;
+}
+
+/* (rows [n, width] int64, weights [n, width] float32) of a multi-valued field: row i holds
+ * counts[i] values (fp mod (buckets - 1)) + 1 + offset weighted 1 / count, then padding
+ * (offset, weight 0); a row without values puts weight 1 on its last column (features.py). */
+static PyObject *multi_rows(const FieldPlan *f, const Span *spans, const uint32_t *counts,
+                            Py_ssize_t n, Py_ssize_t width) {
+    npy_intp dims[2] = {n, width};
+    PyObject *rows = PyArray_SimpleNew(2, dims, NPY_INT64);
+    PyObject *weights = rows ? PyArray_SimpleNew(2, dims, NPY_FLOAT32) : NULL;
+    if (weights == NULL) {
+        Py_XDECREF(rows);
+        return NULL;
+    }
+    int64_t *r = PyArray_DATA((PyArrayObject *)rows);
+    float *w = PyArray_DATA((PyArrayObject *)weights);
+    const Span *next = spans;
+    for (Py_ssize_t i = 0; i < n; i++, r += width, w += width) {
+        Py_ssize_t c = counts[i];
+        float each = 1.0f / (float)(c > 0 ? c : 1);
+        for (Py_ssize_t j = 0; j < width; j++) {
+            if (j < c) {
+                uint64_t fp = fh_fingerprint64(next[j].ptr, (size_t)next[j].len);
+                r[j] = f->offset + 1 + (int64_t)(fp % (uint64_t)(f->buckets - 1));
+                w[j] = each;
+            } else {
+                r[j] = f->offset;
+                w[j] = (c == 0 && j == width - 1) ? 1.0f : 0.0f;
+            }
+        }
+        next += c;
+    }
+    PyObject *pair = PyTuple_Pack(2, rows, weights);
+    Py_DECREF(rows);
+    Py_DECREF(weights);
+    return pair;
+}
+
+/* What an absent field decodes to in a rows plan: n missing rows. */
+static PyObject *absent_rows(const FieldPlan *f, Py_ssize_t n) {
+    if (f->kind != KIND_MULTI) {
+        npy_intp dims[1] = {n};
+        PyObject *array = PyArray_SimpleNew(1, dims, NPY_INT64);
+        int64_t *out = array ? PyArray_DATA((PyArrayObject *)array) : NULL;
+        for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+            out[i] = f->offset;
+        }
+        return array;
+    }
+    uint32_t *zeros = PyMem_Calloc((size_t)(n ? n : 1), sizeof(uint32_t));
+    if (zeros == NULL) {
+        return PyErr_NoMemory();
+    }
+    PyObject *pair = multi_rows(f, NULL, zeros, n, 1);
+    PyMem_Free(zeros);
+    return pair;
+}
+
 /* The array of a context field present in the request; *missing += 1 if it counts as
  * missing. NULL without an error set: not for the fast path. */
 static PyObject *context_array(const FieldPlan *f, Scratch *s, const Plan *plan,
@@ -513,7 +719,11 @@ static PyObject *context_array(const FieldPlan *f, Scratch *s, const Plan *plan,
         }
         if (s->n == 0) {
             ++*missing;
-            return Py_NewRef(f->absent);
+            return plan->rows ? absent_rows(f, 1) : Py_NewRef(f->absent);
+        }
+        if (plan->rows) {
+            uint32_t count = (uint32_t)s->n;
+            return multi_rows(f, s->spans, &count, 1, s->n + 1);
         }
         npy_intp dims[2] = {1, s->n};
         PyObject *row = empty_values(2, dims, blank);
@@ -527,10 +737,13 @@ static PyObject *context_array(const FieldPlan *f, Scratch *s, const Plan *plan,
     }
     if (s->n == 0 || s->spans[0].len == 0) {
         ++*missing;
-        return Py_NewRef(f->absent);
+        return plan->rows ? absent_rows(f, 1) : Py_NewRef(f->absent);
     }
     if (!spans_pass(s, limit, 0, f->kind == KIND_NUMERIC, &empty)) {
         return NULL;
+    }
+    if (plan->rows) {
+        return single_rows(f, s->spans, 1);
     }
     npy_intp dims[1] = {1};
     PyObject *row = empty_values(1, dims, blank);
@@ -550,16 +763,22 @@ static PyObject *column_array(const FieldPlan *f, Scratch *s, Py_ssize_t k, cons
             !spans_pass(s, limit, 1, f->kind == KIND_NUMERIC, &empty)) {
             return NULL;
         }
+        *missing += empty;
+        if (plan->rows) {
+            return single_rows(f, s->spans, k);
+        }
         npy_intp dims[1] = {k};
         PyObject *column = empty_values(1, dims, blank);
         if (column != NULL && !fill(PyArray_DATA((PyArrayObject *)column), s->spans, k, plan->cache)) {
             Py_CLEAR(column);
         }
-        *missing += empty;
         return column;
     }
     if (s->n == 0 && s->n_counts == 0) {
         *missing += k;
+        if (plan->rows) {
+            return absent_rows(f, k);
+        }
         npy_intp dims[2] = {k, 1};
         return empty_values(2, dims, blank);
     }
@@ -575,6 +794,10 @@ static PyObject *column_array(const FieldPlan *f, Scratch *s, Py_ssize_t k, cons
     }
     if (widest > f->max_values || total != s->n) {
         return NULL;
+    }
+    if (plan->rows) {
+        *missing += zero_rows;
+        return multi_rows(f, s->spans, s->counts, k, widest + 1);
     }
     npy_intp width = widest > 1 ? widest : 1, dims[2] = {k, width};
     PyObject *column = empty_values(2, dims, blank);
@@ -660,7 +883,10 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         for (Py_ssize_t i = 0; candidates != NULL && i < n_fields; i++) {
             const FieldPlan *f = &plan->fields[i];
             if (arrays[i] == NULL) { /* absent */
-                if (i < plan->n_context) {
+                if (plan->rows) {
+                    arrays[i] = absent_rows(f, i < plan->n_context ? 1 : k);
+                    missing += i < plan->n_context ? 1 : k;
+                } else if (i < plan->n_context) {
                     arrays[i] = Py_NewRef(f->absent);
                     missing += 1;
                 } else {
@@ -694,13 +920,64 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* fingerprint64(data) -> FarmHash Fingerprint64 of data (TensorFlow's string hash). */
+static PyObject *fingerprint64(PyObject *self, PyObject *arg) {
+    char *data;
+    Py_ssize_t len;
+    if (PyBytes_AsStringAndSize(arg, &data, &len) < 0) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(fh_fingerprint64(data, (size_t)len));
+}
+
+/* numeric_bucket(value, boundaries) -> int (see numeric_bucket_of); ValueError if not a number. */
+static PyObject *numeric_bucket(PyObject *self, PyObject *args) {
+    const char *data;
+    Py_ssize_t len;
+    PyObject *seq;
+    if (!PyArg_ParseTuple(args, "y#O", &data, &len, &seq)) {
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(seq, "boundaries must be a sequence of numbers");
+    if (fast == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    float *bounds = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(float));
+    if (bounds == NULL) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double b = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        if (b == -1.0 && PyErr_Occurred()) {
+            PyMem_Free(bounds);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        bounds[i] = (float)b;
+    }
+    Py_DECREF(fast);
+    Py_ssize_t bucket = numeric_bucket_of(data, len, bounds, n);
+    PyMem_Free(bounds);
+    if (bucket < 0) {
+        PyErr_SetString(PyExc_ValueError, "not a decimal number");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(bucket);
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_O,
      "header(data) -> (request_id, model, num_candidates), or None: not the usual shape"},
     {"Plan", make_plan, METH_VARARGS,
-     "Plan(context, candidates, max_value_bytes) -> the schema as decode() reads it"},
+     "Plan(context, candidates, max_value_bytes[, rows]) -> the schema as decode() reads it"},
     {"decode", decode, METH_VARARGS,
      "decode(data, plan, k) -> (context, candidates, missing), or None: let Python decide"},
+    {"numeric_bucket", numeric_bucket, METH_VARARGS,
+     "numeric_bucket(value, boundaries) -> the model's bucket of a numeric value (0: missing)"},
+    {"fingerprint64", fingerprint64, METH_O,
+     "fingerprint64(data) -> FarmHash Fingerprint64 of the bytes, as TensorFlow hashes strings"},
     {NULL, NULL, 0, NULL},
 };
 

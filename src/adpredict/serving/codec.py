@@ -13,6 +13,12 @@
   candidates ``[B]``/``[B, M]`` (multi-valued rows padded with ``b''``) and ``request_index``
   int32 ``[B]`` mapping each candidate row to its slice (``0..R-1``).
 * ``split(probabilities, slices)`` cuts the model's ``[B]`` output back into one array per slice.
+* ``decode(request, rows=True)`` and ``merge(slices, rows=True)`` do the same for the
+  ``serving_rows`` signature: the decoder hashes each value to the model's table row
+  (FarmHash Fingerprint64 and the numeric buckets, in C, equal to the graph's own hashing), so
+  no bytes object is made per value and the model skips its hashing (~35% less CPU per
+  prediction in the server, docs/BENCHMARKS.md). The servicer uses it when the loaded version
+  has that signature and it answered the warm-up as ``serving_default`` did.
 
 The wire layout is columnar (see ``proto/adpredict/v1/prediction_service.proto``), so the work
 per request is a fixed number of C-level calls per field; nothing loops over candidates in
@@ -101,10 +107,17 @@ class ParsedRequest:
     """A validated request as arrays; treat the arrays as read-only (some are shared)."""
 
     size: int  # K, the number of candidates
-    context: Mapping[str, np.ndarray]  # every context field: [1] or [1, M] object, bytes
-    candidates: Mapping[str, np.ndarray]  # every candidate field: [K] or [K, M] object, bytes
+    context: Mapping[str, Any]  # every context field: [1] or [1, M] (see the layouts below)
+    candidates: Mapping[str, Any]  # every candidate field: [K] or [K, M]
     missing: int  # (row, field) cells that were absent or empty, context row included
     fingerprint: str  # of the schema it was validated against
+    #: Layout. False: object arrays of bytes, ``[n]`` or ``[n, M]`` (``serving_default``).
+    #: True: table rows, int64 ``[n]`` per single-valued field and ``(rows int64, weights
+    #: float32)`` ``[n, M + 1]`` per multi-valued field (``serving_rows``).
+    rows: bool = False
+    #: Rows layout only: the request it was decoded from, decoded again as strings if its batch
+    #: goes to a version without ``serving_rows`` (a hot swap while it waited).
+    request: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +300,27 @@ class RequestCodec:
             if _wire is not None
             else None
         )
+        self._offsets = schema.offsets()  # each field's first row in the shared table
+        # The same checks, writing table rows instead of bytes objects (FarmHash and the
+        # numeric buckets in C, equal to the graph's: tests/serving/test_farmhash.py).
+        self._rows_plan = (
+            _wire.Plan(
+                [self._plan_field(f) for f in schema.context_fields],
+                [self._plan_field(f) for f in schema.candidate_fields],
+                self.limits.max_value_bytes,
+                [
+                    (f.buckets, self._offsets[f.name], list(f.boundaries) if f.is_numeric else [])
+                    for f in (*schema.context_fields, *schema.candidate_fields)
+                ],
+            )
+            if _wire is not None
+            else None
+        )
+
+    @property
+    def can_decode_rows(self) -> bool:
+        """Whether ``decode(..., rows=True)`` works: it hashes in ``_wire`` (when built)."""
+        return self._rows_plan is not None
 
     # ------------------------------------------------------------------------------ decode
 
@@ -295,14 +329,27 @@ class RequestCodec:
         absent = self._absent_context.get(field.name) if field.scope == "context" else None
         return field.name.encode("ascii"), kind, field.max_values, absent
 
-    def decode(self, request: Any) -> ParsedRequest:
+    def decode(self, request: Any, *, rows: bool = False) -> ParsedRequest:
         """Validate ``request`` (a ``PredictRequest`` or ``WireRequest``), return its arrays.
 
         A ``WireRequest`` goes from its bytes to the arrays in C when ``_wire.decode`` vouches
         for it; otherwise (or without the extension) it is parsed by upb and decoded here.
+        ``rows``: return the rows layout (see ``ParsedRequest``); the checks and errors are the
+        same, and a request ``_wire`` does not vouch for is decoded as strings, then hashed.
         """
         k = request.num_candidates
         self._check_size(k)
+        if not rows:
+            return self._decode_strings(request, k)
+        if self._rows_plan is None:
+            raise RuntimeError("decoding to table rows needs adpredict.serving._wire (not built)")
+        if isinstance(request, WireRequest):
+            arrays = _wire.decode(request.data, self._rows_plan, k)
+            if arrays is not None:
+                return ParsedRequest(k, *arrays, self.fingerprint, rows=True, request=request)
+        return self._to_rows(self._decode_strings(request, k), request)
+
+    def _decode_strings(self, request: Any, k: int) -> ParsedRequest:
         if isinstance(request, WireRequest):
             if self._wire_plan is not None:
                 arrays = _wire.decode(request.data, self._wire_plan, k)
@@ -311,6 +358,55 @@ class RequestCodec:
             request = _parse_predict(request.data)
             require_decoded(request)  # (_wire.header checked the structure: should not fail)
         return self._decode_message(request, k)
+
+    def _to_rows(self, parsed: ParsedRequest, request: Any) -> ParsedRequest:
+        """``parsed`` (strings layout) in the rows layout: the rows ``_wire.decode`` makes.
+
+        Python loops over the values: only for what the C decoder does not vouch for (upb
+        messages, unusual wire shapes) and for requests decoded before a hot swap.
+        """
+        context = {n: self._value_rows(self._context[n], a) for n, a in parsed.context.items()}
+        candidates = {
+            n: self._value_rows(self._candidate[n], a) for n, a in parsed.candidates.items()
+        }
+        return ParsedRequest(
+            parsed.size,
+            context,
+            candidates,
+            parsed.missing,
+            parsed.fingerprint,
+            rows=True,
+            request=request,
+        )
+
+    def _value_rows(self, field: Field, values: np.ndarray) -> Any:
+        """One field's values (object array of bytes) as table rows (``features.py``'s)."""
+        off, mod = self._offsets[field.name], field.buckets - 1
+        if field.is_multi:
+            width = values.shape[1] + 1
+            rows = np.full((len(values), width), off, np.int64)
+            weights = np.zeros((len(values), width), np.float32)
+            for i, row in enumerate(values.tolist()):
+                present = [v for v in row if v]  # b"" only pads a multi-valued row
+                for j, v in enumerate(present):
+                    rows[i, j] = off + 1 + _wire.fingerprint64(v) % mod
+                if present:
+                    weights[i, : len(present)] = np.float32(1) / np.float32(len(present))
+                else:
+                    weights[i, -1] = 1
+            return rows, weights
+        if field.is_numeric:
+            bounds = list(field.boundaries)
+            return np.array([off + _wire.numeric_bucket(v, bounds) for v in values.tolist()],
+                            np.int64)  # fmt: skip
+        mask = (1 << 62) - 1
+        return np.array(
+            [
+                off + 1 + (_wire.fingerprint64(v) & mask) % mod if v else off
+                for v in values.tolist()
+            ],
+            np.int64,
+        )
 
     def _check_size(self, k: int) -> None:
         if k < 1:
@@ -535,9 +631,16 @@ class RequestCodec:
 
     # ------------------------------------------------------------------------------- merge
 
-    def merge(self, parts: Sequence[Slice[ParsedRequest] | ParsedRequest]) -> dict[str, np.ndarray]:
+    def merge(
+        self, parts: Sequence[Slice[ParsedRequest] | ParsedRequest], *, rows: bool = False
+    ) -> dict[str, np.ndarray]:
         """One feed (the signature's inputs) for ``parts``, in order: row r of every context
-        input and ``request_index == r`` belong to ``parts[r]``."""
+        input and ``request_index == r`` belong to ``parts[r]``.
+
+        ``rows``: the ``serving_rows`` feed, else ``serving_default``'s. A part decoded in the
+        other layout (the model was swapped while it waited) is hashed (strings to rows) or
+        decoded again from its request (rows to strings).
+        """
         if not parts:
             raise ValueError("merge needs at least one request")
         slices = [p if isinstance(p, Slice) else Slice(p, 0, p.size) for p in parts]
@@ -549,6 +652,19 @@ class RequestCodec:
                 )
             if not 0 <= s.start < s.stop <= s.payload.size:
                 raise ValueError(f"slice {s.start}:{s.stop} of a request of {s.payload.size}")
+        if rows:
+            return self._merge_rows(
+                [
+                    s if s.payload.rows else Slice(self._to_rows(s.payload, None), s.start, s.stop)
+                    for s in slices
+                ]
+            )
+        slices = [
+            Slice(self._decode_strings(s.payload.request, s.payload.size), s.start, s.stop)
+            if s.payload.rows
+            else s
+            for s in slices
+        ]
         feed: dict[str, np.ndarray] = {}
         for name, field in self._context.items():
             feed[name] = _stack([s.payload.context[name] for s in slices], field.is_multi)
@@ -562,6 +678,64 @@ class RequestCodec:
                 feed[name] = _stack(
                     [s.payload.candidates[name][s.start : s.stop] for s in slices], field.is_multi
                 )
+        sizes = [s.stop - s.start for s in slices]
+        feed[REQUEST_INDEX] = np.repeat(np.arange(len(slices), dtype=np.int32), sizes)
+        return feed
+
+    def rows_feed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A ``serving_default`` feed (e.g. a warm-up feed) as the same ``serving_rows`` feed."""
+        size = len(feed[REQUEST_INDEX])
+        parsed = ParsedRequest(
+            size,
+            {n: feed[n] for n in self._context},
+            {n: feed[n] for n in self._candidate},
+            0,
+            self.fingerprint,
+        )
+        out = self._merge_rows([Slice(self._to_rows(parsed, None), 0, size)])
+        out[REQUEST_INDEX] = feed[REQUEST_INDEX]
+        return out
+
+    def _merge_rows(self, slices: list[Slice[ParsedRequest]]) -> dict[str, np.ndarray]:
+        """The ``serving_rows`` feed (``model.export.rows_input_signature``) for rows slices.
+
+        Multi-valued rows of different widths are padded to the widest with the field's
+        padding row and weight 0, which the graph's weighted sum ignores.
+        """
+        single_ctx = [n for n, f in self._context.items() if not f.is_multi]
+        single_cand = [n for n, f in self._candidate.items() if not f.is_multi]
+        feed: dict[str, np.ndarray] = {
+            "context_rows": np.stack(
+                [np.concatenate([s.payload.context[n] for s in slices]) for n in single_ctx], 1
+            ),
+            "candidate_rows": np.stack(
+                [
+                    np.concatenate([s.payload.candidates[n][s.start : s.stop] for s in slices])
+                    for n in single_cand
+                ],
+                1,
+            ),
+        }
+        for scope, fields in (("context", self._context), ("candidates", self._candidate)):
+            for name, field in fields.items():
+                if not field.is_multi:
+                    continue
+                parts = []
+                for s in slices:
+                    rows, weights = getattr(s.payload, scope)[name]
+                    if scope == "candidates":
+                        rows, weights = rows[s.start : s.stop], weights[s.start : s.stop]
+                    parts.append((rows, weights))
+                width = max(r.shape[1] for r, _ in parts)
+                n = sum(len(r) for r, _ in parts)
+                rows = np.full((n, width), self._offsets[name], np.int64)
+                weights = np.zeros((n, width), np.float32)
+                at = 0
+                for r, w in parts:
+                    rows[at : at + len(r), : r.shape[1]] = r
+                    weights[at : at + len(r), : w.shape[1]] = w
+                    at += len(r)
+                feed[f"{name}_rows"], feed[f"{name}_weights"] = rows, weights
         sizes = [s.stop - s.start for s in slices]
         feed[REQUEST_INDEX] = np.repeat(np.arange(len(slices), dtype=np.int32), sizes)
         return feed
