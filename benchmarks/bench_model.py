@@ -9,7 +9,9 @@ No gRPC, no batcher: the model version is loaded with the server's own loader
 batcher hands the model: realistic requests (``adpredict.loadtest.build_pool``: synthetic bid
 traffic with Zipf popularity, K candidates each) decoded and merged by the server's
 ``RequestCodec``, B predictions from ceil(B / K) requests (the last one sliced, as the batcher
-splits). ``predict`` includes turning the arrays into tensors, as in serving.
+splits), in the layout the server uses for this version: table rows for ``serving_rows`` when
+the version serves through it (exports write it), strings for ``serving_default`` otherwise
+(the JSON says which). ``predict`` includes turning the arrays into tensors, as in serving.
 
 The process pins itself to ``--cpu`` (default 0) *before* TensorFlow starts, so TensorFlow sizes
 its thread pools for one core, like a one-worker server pinned with ``taskset -c 0``. ``--cpu -1``
@@ -67,20 +69,21 @@ def build_feeds(model: Any, k: int, batch: int, count: int, seed: int) -> list[d
 
     from adpredict.loadtest import CandidateSpec, build_pool
     from adpredict.serving.batcher import Slice
-    from adpredict.serving.codec import CodecLimits, RequestCodec
-    from adpredict.v1 import prediction_service_pb2 as pb
+    from adpredict.serving.codec import CodecLimits, RequestCodec, predict_parser
 
     per_feed = -(-batch // k)
     pool = build_pool(model.schema, CandidateSpec.parse(str(k)), per_feed * count,
                       max_candidates=max(k, 1024), seed=seed)  # fmt: skip
+    # The feed the server hands this version: table rows if it serves through serving_rows.
     codec = RequestCodec(model.schema, CodecLimits(max_candidates=max(k, 1024)))
-    parsed = [codec.decode(pb.PredictRequest.FromString(p)) for p in pool.payloads]
+    parse = predict_parser()
+    parsed = [codec.decode(parse(p), rows=model.has_rows) for p in pool.payloads]
     feeds = []
     for i in range(count):
         mine = parsed[i * per_feed : (i + 1) * per_feed]
         last = batch - k * (per_feed - 1)  # predictions taken from the last request
         parts = [*mine[:-1], Slice(mine[-1], 0, last)]
-        feed = codec.merge(parts)
+        feed = codec.merge(parts, rows=model.has_rows)
         assert len(feed["request_index"]) == batch and np.all(np.diff(feed["request_index"]) >= 0)
         feeds.append(feed)
     return feeds
@@ -118,7 +121,8 @@ def report_md(result: dict[str, Any]) -> str:
         "# Model ceiling (bench_model): in-process predictions/s vs batch size",
         "",
         f"Command: `{result['command']}`  ",
-        f"Model: {result['model']} ({result['version_dir']}); CPU {result['cpu']}; TensorFlow "
+        f"Model: {result['model']} ({result['version_dir']}), fed through "
+        f"{result.get('signature', 'serving_default')}; CPU {result['cpu']}; TensorFlow "
         f"{result['tensorflow']}; {result['machine']['cores']} cores {result['machine']['cpu_model']}; "
         f"load average at start {result['machine']['loadavg']}  ",
         f"Median of {result['settings']['repeats']} repeats of >= {result['settings']['min_time']:g} s "
@@ -205,6 +209,7 @@ def main() -> int:
         },
         "tensorflow": tf.__version__,
         "model": f"{name} v{vdir.name} (schema {model.schema.name})",
+        "signature": "serving_rows" if model.has_rows else "serving_default",
         "version_dir": str(vdir),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model_dir")},
         "rows": rows,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import shutil
 import weakref
@@ -19,7 +20,10 @@ import tensorflow as tf
 from adpredict.errors import InvalidRequestError, ModelError, ModelNotFoundError
 from adpredict.model.export import load_signature
 from adpredict.schema import Schema
+from adpredict.serving import runtime as runtime_module
+from adpredict.serving.codec import RequestCodec
 from adpredict.serving.runtime import (
+    LoadedModel,
     ModelRuntime,
     RuntimeEvent,
     configure_tf_threads,
@@ -111,6 +115,58 @@ async def test_a_feed_the_model_rejects_is_a_model_error(runtime: ModelRuntime) 
         model.predict(dict(feed, request_index=np.full(40, 7, dtype=np.int32)))
     # The model is unharmed: the next feed is answered.
     assert model.predict(feed).shape == (40,)
+
+
+@pytest.mark.asyncio
+async def test_serving_rows_answers_as_the_strings(runtime: ModelRuntime) -> None:
+    """Exports have serving_rows; a version takes the codec's rows feed and answers the same."""
+    model = runtime.get()
+    assert model.has_rows
+    codec = RequestCodec(model.schema)
+    feed = feed_for(runtime)
+    rows_feed = codec.rows_feed(feed)
+    assert "context_rows" in rows_feed and rows_feed["context_rows"].dtype == np.int64
+    np.testing.assert_allclose(model.predict(rows_feed), model.predict(feed), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ModelError, match=r"version 1 failed on a batch of 40 predictions: \S"):
+        model.predict(dict(rows_feed, request_index=np.full(40, 7, dtype=np.int32)))
+    half = {k: v for k, v in rows_feed.items() if k != "candidate_rows"}
+    with pytest.raises(ModelError, match="feed is missing inputs"):
+        model.predict(half)
+
+
+def test_serving_rows_is_used_only_if_it_agrees(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    vdir = repo / "small" / "1"
+    real = LoadedModel.predict
+
+    def skewed(self: LoadedModel, feed: dict[str, np.ndarray]) -> np.ndarray:
+        out = real(self, feed)
+        return out * 0.5 if "context_rows" in feed else out
+
+    monkeypatch.setattr(LoadedModel, "predict", skewed)
+    with caplog.at_level(logging.WARNING, logger="adpredict.serving.runtime"):
+        model = load_version(vdir, name="small", version=1)
+    assert not model.has_rows
+    assert "serving_rows disagrees with serving_default" in caplog.text
+    assert model.predict(feed_for_schema(model.schema)).shape == (40,)  # strings still serve
+
+
+def test_an_export_without_serving_rows_serves_strings(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exports made before serving_rows existed (simulated: the runtime looks for another name)."""
+    monkeypatch.setattr(runtime_module, "ROWS_SIGNATURE", "serving_rows_absent")
+    model = load_version(repo / "small" / "1", name="small", version=1)
+    assert not model.has_rows
+    feed = feed_for_schema(model.schema)
+    assert model.predict(feed).shape == (40,)
+    with pytest.raises(ModelError, match="feed is missing inputs"):
+        model.predict(RequestCodec(model.schema).rows_feed(feed))
+
+
+def feed_for_schema(schema: Schema) -> dict[str, np.ndarray]:
+    return synthetic_feed(schema, requests=3, candidates=40, seed=3)
 
 
 @pytest.mark.asyncio

@@ -13,6 +13,10 @@ Checks before a version serves
     * warm-up: synthetic requests built from the schema (several batch sizes, multi-valued fields
       with padding) run through ``predict`` and must return finite probabilities of the right
       shape. Only then is the version swapped in, so no caller pays for TensorFlow's first calls.
+    * ``serving_rows`` (exports write it beside ``serving_default``; the codec feeds it
+      table rows it hashed itself) is used only if it answers the first warm-up feed, hashed by
+      the codec, as ``serving_default`` answers the strings; otherwise the version serves
+      through ``serving_default`` alone and a warning says why.
 
 Hot swap
     A background task polls ``MODEL_DIR`` every ``poll_interval_s``; loading runs in a worker
@@ -71,8 +75,15 @@ import numpy as np
 import tensorflow as tf
 
 from adpredict.errors import InvalidRequestError, ModelError, ModelNotFoundError
-from adpredict.model.export import METADATA_FILE, OUTPUT, SIGNATURE, read_metadata
+from adpredict.model.export import (
+    METADATA_FILE,
+    OUTPUT,
+    ROWS_SIGNATURE,
+    SIGNATURE,
+    read_metadata,
+)
 from adpredict.schema import Schema
+from adpredict.serving.codec import RequestCodec
 
 __all__ = [
     "WARMUP_SHAPES",
@@ -208,17 +219,65 @@ def _token(rng: np.random.Generator) -> bytes:
     return b"w%d" % rng.integers(0, 1 << 40)
 
 
+class _Signature:
+    """One signature of a loaded version: its inputs, and how ``predict`` calls it.
+
+    ``call`` starts as the public keyword call; ``use_flat_if_equivalent`` switches it to the
+    flat entry point (see the module doc) when that answers exactly the same.
+    """
+
+    __slots__ = ("call", "captured", "dtypes", "fn", "order")
+
+    def __init__(self, fn: Any) -> None:
+        specs = fn.structured_input_signature[1]
+        self.fn = fn
+        self.order = tuple(sorted(specs))  # tf.nest flattens dicts by sorted key
+        self.dtypes = tuple(specs[k].dtype for k in self.order)
+        self.captured = list(fn.captured_inputs)
+        self.call: Callable[[list[tf.Tensor]], Any] = self.call_keywords
+
+    def takes(self, feed: dict[str, np.ndarray]) -> bool:
+        """``feed`` has exactly this signature's inputs."""
+        return len(feed) == len(self.order) and all(k in feed for k in self.order)
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> tf.Tensor:
+        return self.call(self.tensors(feed))
+
+    def tensors(self, feed: dict[str, np.ndarray]) -> list[tf.Tensor]:
+        return [_tensor(feed[k], d) for k, d in zip(self.order, self.dtypes, strict=True)]
+
+    def call_keywords(self, args: list[tf.Tensor]) -> tf.Tensor:
+        return self.fn(**dict(zip(self.order, args, strict=True)))[OUTPUT]
+
+    def call_flat(self, args: list[tf.Tensor]) -> tf.Tensor:
+        out = self.fn._call_flat(args, self.captured)
+        return out[OUTPUT] if isinstance(out, dict) else out[0]
+
+    def use_flat_if_equivalent(self, feed: dict[str, np.ndarray]) -> bool:
+        """Switch to the flat call if it answers exactly like the keyword call."""
+        if not hasattr(self.fn, "_call_flat"):
+            return False
+        args = self.tensors(feed)
+        try:
+            fast = self.call_flat(args).numpy()
+        except Exception as exc:  # a private API changed shape: stay on the public call
+            logger.debug("flat signature call unavailable for %s: %s", self.fn, exc)
+            return False
+        slow = self.call_keywords(args).numpy()
+        if fast.shape != slow.shape or not np.allclose(fast, slow, rtol=1e-6, atol=1e-7):
+            return False
+        self.call = self.call_flat
+        return True
+
+
 class LoadedModel:
     """One loaded, checked and warmed-up model version. Immutable; ``predict`` is thread-safe."""
 
     __slots__ = (
         "__weakref__",
-        "_call",
-        "_captured",
-        "_dtypes",
-        "_fn",
         "_keepalive",
-        "_order",
+        "_rows",
+        "_strings",
         "loaded_at",
         "metadata",
         "name",
@@ -245,6 +304,7 @@ class LoadedModel:
         loaded_at: float,
         signature: Any,
         keepalive: Any = None,
+        rows_signature: Any = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -252,21 +312,23 @@ class LoadedModel:
         self.metadata = metadata
         self.path = path
         self.loaded_at = loaded_at
-        self._fn = signature
-        self._keepalive = keepalive  # the loaded SavedModel owns the signature's variables
-        specs = signature.structured_input_signature[1]
-        self._order = tuple(sorted(specs))  # tf.nest flattens dicts by sorted key
-        self._dtypes = tuple(specs[k].dtype for k in self._order)
-        self._captured = list(signature.captured_inputs)
-        self._call: Callable[[list[tf.Tensor]], Any] = self._call_keywords
+        self._keepalive = keepalive  # the loaded SavedModel owns the signatures' variables
+        self._rows = _Signature(rows_signature) if rows_signature is not None else None
+        self._strings = _Signature(signature)
 
     def __setattr__(self, key: str, value: Any) -> None:
-        if hasattr(self, "_call"):  # set last in __init__; internal updates use object.__setattr__
+        if hasattr(self, "_strings"):  # set last in __init__; internal updates: object.__setattr__
             raise AttributeError(f"LoadedModel is immutable (tried to set {key!r})")
         object.__setattr__(self, key, value)
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.name!r}, version={self.version}, path={str(self.path)!r})"
+
+    @property
+    def has_rows(self) -> bool:
+        """This version takes ``serving_rows`` feeds (the codec's rows layout): the export has
+        the signature and it answered the warm-up exactly as ``serving_default`` did."""
+        return self._rows is not None
 
     @property
     def fingerprint(self) -> str:
@@ -276,24 +338,28 @@ class LoadedModel:
     def predict(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """Click probabilities, float32 ``[B]``, for a signature feed (see ``model.export``).
 
-        ``feed`` holds one array per schema field (bytes/str objects; ``[R]`` or ``[R, M]`` for
-        context fields, ``[B]`` or ``[B, M]`` for candidate fields) and ``request_index`` (int,
-        ``[B]``). Requests are validated by the codec before they are merged into a feed, so a
-        feed this version cannot take (a missing or unknown key, input TensorFlow rejects such
-        as a malformed number or ``request_index`` out of range) is a server fault: it raises
-        ``ModelError`` (INTERNAL for every request of the batch) naming the model, the version
-        and the first line of TensorFlow's error, and the next batch is unaffected.
+        ``feed`` is either ``serving_default``'s: one array per schema field (bytes/str
+        objects; ``[R]`` or ``[R, M]`` for context fields, ``[B]`` or ``[B, M]`` for candidate
+        fields) and ``request_index`` (int, ``[B]``); or, when ``has_rows``, ``serving_rows``'
+        (the table rows, ``model.export.rows_input_signature``). Requests are validated by the
+        codec before they are merged into a feed, so a feed this version cannot take (a missing
+        or unknown key, input TensorFlow rejects such as a malformed number or
+        ``request_index`` out of range) is a server fault: it raises ``ModelError`` (INTERNAL
+        for every request of the batch) naming the model, the version and the first line of
+        TensorFlow's error, and the next batch is unaffected.
         """
-        if len(feed) != len(self._order) or not all(k in feed for k in self._order):
-            missing = sorted(set(self._order) - set(feed))
-            extra = sorted(set(feed) - set(self._order))
-            raise ModelError(
-                f"model {self.name!r} version {self.version}: feed is missing inputs {missing} / "
-                f"has unknown inputs {extra}"
-            )
+        signature = self._strings
+        if not signature.takes(feed):
+            if self._rows is None or not self._rows.takes(feed):
+                missing = sorted(set(signature.order) - set(feed))
+                extra = sorted(set(feed) - set(signature.order))
+                raise ModelError(
+                    f"model {self.name!r} version {self.version}: feed is missing inputs "
+                    f"{missing} / has unknown inputs {extra}"
+                )
+            signature = self._rows
         try:
-            args = [_tensor(feed[k], d) for k, d in zip(self._order, self._dtypes, strict=True)]
-            result = self._call(args)
+            result = signature(feed)
         except (tf.errors.OpError, ValueError, TypeError) as exc:
             rows = len(feed[REQUEST_INDEX]) if REQUEST_INDEX in feed else "?"
             raise ModelError(
@@ -301,29 +367,6 @@ class LoadedModel:
                 f"predictions: {_first_line(exc)}"
             ) from None
         return result.numpy()
-
-    def _call_keywords(self, args: list[tf.Tensor]) -> tf.Tensor:
-        return self._fn(**dict(zip(self._order, args, strict=True)))[OUTPUT]
-
-    def _call_flat(self, args: list[tf.Tensor]) -> tf.Tensor:
-        out = self._fn._call_flat(args, self._captured)
-        return out[OUTPUT] if isinstance(out, dict) else out[0]
-
-    def _use_fast_path_if_equivalent(self, feed: dict[str, np.ndarray]) -> bool:
-        """Switch to the flat call if it answers exactly like the keyword call (see module doc)."""
-        if not hasattr(self._fn, "_call_flat"):
-            return False
-        args = [_tensor(feed[k], d) for k, d in zip(self._order, self._dtypes, strict=True)]
-        try:
-            fast = self._call_flat(args).numpy()
-        except Exception as exc:  # a private API changed shape: stay on the public call
-            logger.debug("flat signature call unavailable for %s: %s", self, exc)
-            return False
-        slow = self._call_keywords(args).numpy()
-        if fast.shape != slow.shape or not np.allclose(fast, slow, rtol=1e-6, atol=1e-7):
-            return False
-        object.__setattr__(self, "_call", self._call_flat)
-        return True
 
 
 def load_version(
@@ -376,6 +419,7 @@ def load_version(
         loaded_at=wall_clock(),
         signature=fn,
         keepalive=loaded,
+        rows_signature=loaded.signatures.get(ROWS_SIGNATURE),
     )
     _warm_up(model, max(1, warmup_batches))
     # loaded_at marks when the version became ready, i.e. after warm-up.
@@ -410,22 +454,62 @@ def _check_signature(fn: Any, schema: Schema, vdir: Path) -> None:
 
 
 def _warm_up(model: LoadedModel, batches: int) -> None:
+    """Synthetic feeds through every signature the version will serve with; ``ModelError`` if
+    one fails or answers anything but finite probabilities of the right shape."""
+    codec = RequestCodec(model.schema) if model.has_rows else None
     for i in range(batches):
         requests, candidates = WARMUP_SHAPES[i % len(WARMUP_SHAPES)]
         feed = synthetic_feed(model.schema, requests=requests, candidates=candidates, seed=i)
         if i == 0:
-            model._use_fast_path_if_equivalent(feed)
-        try:
-            out = model.predict(feed)
-        except Exception as exc:
-            raise ModelError(f"{model.path}: warm-up failed: {_first_line(exc)}") from None
-        if out.shape != (candidates,) or out.dtype != np.float32:
-            raise ModelError(
-                f"{model.path}: warm-up returned {out.dtype} {out.shape}, expected float32 "
-                f"({candidates},)"
-            )
-        if not (np.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()):
-            raise ModelError(f"{model.path}: warm-up returned probabilities outside [0, 1] or NaN")
+            model._strings.use_flat_if_equivalent(feed)
+            if codec is not None and not _rows_answer_as_strings(model, codec, feed):
+                object.__setattr__(model, "_rows", None)
+                codec = None
+        feeds = [feed] if codec is None else [feed, codec.rows_feed(feed)]
+        for f in feeds:
+            try:
+                out = model.predict(f)
+            except Exception as exc:
+                raise ModelError(f"{model.path}: warm-up failed: {_first_line(exc)}") from None
+            if out.shape != (candidates,) or out.dtype != np.float32:
+                raise ModelError(
+                    f"{model.path}: warm-up returned {out.dtype} {out.shape}, expected float32 "
+                    f"({candidates},)"
+                )
+            if not (np.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()):
+                raise ModelError(
+                    f"{model.path}: warm-up returned probabilities outside [0, 1] or NaN"
+                )
+
+
+def _rows_answer_as_strings(
+    model: LoadedModel, codec: RequestCodec, feed: dict[str, np.ndarray]
+) -> bool:
+    """Whether ``serving_rows`` answers ``feed`` (hashed by the codec) as ``serving_default``
+    does; if not (or the codec cannot hash), the version serves through strings only."""
+    if not codec.can_decode_rows:
+        logger.info("%s: %s unused: adpredict.serving._wire is not built", model.path,
+                    ROWS_SIGNATURE)  # fmt: skip
+        return False
+    signature = model._rows
+    if signature is None:
+        return False
+    try:
+        rows_feed = codec.rows_feed(feed)
+        signature.use_flat_if_equivalent(rows_feed)
+        rows = model.predict(rows_feed)
+        strings = model.predict(feed)
+    except Exception as exc:
+        logger.warning("%s: %s failed on the warm-up feed (%s); serving through %s",
+                       model.path, ROWS_SIGNATURE, _first_line(exc), SIGNATURE)  # fmt: skip
+        return False
+    if rows.shape != strings.shape or not np.allclose(rows, strings, rtol=1e-5, atol=1e-6):
+        worst = float(np.max(np.abs(rows - strings))) if rows.shape == strings.shape else None
+        logger.warning("%s: %s disagrees with %s on the warm-up feed (largest difference %s); "
+                       "serving through %s", model.path, ROWS_SIGNATURE, SIGNATURE, worst,
+                       SIGNATURE)  # fmt: skip
+        return False
+    return True
 
 
 def _tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:

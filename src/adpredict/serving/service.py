@@ -326,7 +326,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 # is full or the answer would come after the deadline or the SLA: under
                 # overload, refusals must stay cheap.
                 batcher.check(request.num_candidates, admit_by)
-            parsed = self._codec(model.schema).decode(request)
+            parsed = self._codec(model.schema).decode(request, rows=model.has_rows)
             self._notify(self._observer.request_decoded, model_name, parsed.size, parsed.missing)
             done: Completed[SliceResult] = await batcher.submit(parsed, parsed.size, deadline)
             now = self._clock.now()
@@ -454,7 +454,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         """Compute thread: merge, predict with the model's current version, split."""
         model = self._runtime.get(name)
         codec = self._codec(model.schema)
-        feed = codec.merge(slices)
+        feed = codec.merge(slices, rows=model.has_rows)
         probabilities = model.predict(feed)
         version = model.version
         return [SliceResult(p, version) for p in codec.split(probabilities, slices)]
