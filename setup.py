@@ -50,6 +50,7 @@ def native_extensions() -> list[Extension]:
             Extension(
                 "adpredict.serving._wire",
                 ["src/adpredict/serving/_wire.c"],
+                depends=["src/adpredict/serving/_values.h", "src/adpredict/serving/_farmhash.h"],
                 include_dirs=[numpy.get_include()],
                 extra_compile_args=["-O2", "-fvisibility=hidden"],
                 optional=wanted != "1",
