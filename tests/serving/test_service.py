@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest_asyncio
 import tensorflow as tf
 
 from adpredict.client import ExampleRequest, build_request, example_request
-from adpredict.model.export import load_signature
+from adpredict.model.export import METADATA_FILE, SIGNATURE, load_signature
 from adpredict.schema import Schema
 from adpredict.serving.batcher import BatcherOptions
 from adpredict.serving.runtime import ModelRuntime
@@ -475,3 +476,91 @@ async def test_servicer_rejects_limits_the_batcher_cannot_queue(runtime: ModelRu
         )
     with pytest.raises(ValueError, match="sla_s"):
         PredictionServicer(runtime, BatcherOptions(), sla_s=0.0, max_candidates=16)
+
+
+async def until(cond: Any, timeout_s: float = 20.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+class _GatedRuntime:
+    """The real runtime; the first compute call waits until the test opens the gate, and every
+    call records (fed table rows?, version)."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[tuple[bool, int]] = []
+
+    def get(self, name: str = "") -> Any:
+        return _GatedModel(self.runtime.get(name), self)
+
+    def names(self) -> list[str]:
+        return self.runtime.names()
+
+
+class _GatedModel:
+    def __init__(self, model: Any, owner: _GatedRuntime) -> None:
+        self._model = model
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def predict(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        owner = self._owner
+        owner.calls.append(("context_rows" in feed, self._model.version))
+        if not owner.entered.is_set():
+            owner.entered.set()
+            assert owner.gate.wait(60), "the test never opened the gate"
+        return self._model.predict(feed)
+
+
+def _strings_only_copy(src: Path, dst: Path) -> None:
+    """A version as exports were before serving_rows: the same weights, serving_default only."""
+    loaded = tf.saved_model.load(str(src))
+    tmp = dst.parent / f".tmp-{dst.name}"
+    tf.saved_model.save(loaded, str(tmp), signatures={SIGNATURE: loaded.signatures[SIGNATURE]})
+    shutil.copy(src / METADATA_FILE, tmp / METADATA_FILE)
+    tmp.rename(dst)
+
+
+async def test_requests_decoded_as_rows_are_answered_by_a_version_fed_strings(
+    tmp_path: Path, small_model_root: Path, direct: tuple[Any, Schema]
+) -> None:
+    """A hot swap to a version without serving_rows while requests wait: they were decoded to
+    table rows for the old version, are decoded again as strings for the new one, and get the
+    same probabilities."""
+    root = tmp_path / "models"
+    shutil.copytree(small_model_root, root)
+    rt = ModelRuntime(root, poll_interval_s=3600.0, warmup_batches=1)
+    await rt.start()
+    recorder = Recorder()
+    try:
+        assert rt.get("small").has_rows
+        gated = _GatedRuntime(rt)
+        examples = [example(direct[1], 5, seed=300 + i) for i in range(4)]
+        async with serving(gated, observer=recorder) as (stub, _):
+            first = asyncio.ensure_future(stub.Predict(to_proto(examples[0]), timeout=30))
+            assert await asyncio.to_thread(gated.entered.wait, 30)  # v1 is computing it
+            waiting = [
+                asyncio.ensure_future(stub.Predict(to_proto(ex), timeout=30)) for ex in examples[1:]
+            ]
+            await until(lambda: len(recorder.decoded) == len(examples))  # decoded for v1
+            _strings_only_copy(root / "small" / "1", root / "small" / "2")
+            await rt.poll_now()
+            assert rt.get("small").version == 2 and not rt.get("small").has_rows
+            gated.gate.set()
+            responses = [await first, *(await asyncio.gather(*waiting))]
+    finally:
+        gated.gate.set()
+        await rt.stop()
+    assert gated.calls[0] == (True, 1)
+    assert gated.calls[1:] and all(call == (False, 2) for call in gated.calls[1:])
+    assert [r.model_version for r in responses] == [1, 2, 2, 2]
+    for ex, response in zip(examples, responses, strict=True):
+        np.testing.assert_allclose(
+            np.array(response.probabilities), direct_probabilities(direct, ex), rtol=0, atol=1e-6
+        )
