@@ -117,11 +117,14 @@ def test_runtime_events_and_sampled_levels(
 ) -> None:
     m, reg = metrics
     event = SimpleNamespace
-    m.runtime_event(event(kind="loaded", name="ctr", version=3))
+    m.runtime_event(event(kind="loaded", name="ctr", version=3, fed_rows=True))
+    assert value(reg, "adpredict_model_fed_rows", model="ctr") == 1
+    m.runtime_event(event(kind="loaded", name="ctr", version=3, fed_rows=False))
+    assert value(reg, "adpredict_model_fed_rows", model="ctr") == 0
     m.runtime_event(event(kind="failed", name="ctr", version=4))
     m.runtime_event(event(kind="dir_problem", name="", version=None))
     assert value(reg, "adpredict_model_version", model="ctr") == 3
-    assert value(reg, "adpredict_model_loads_total", model="ctr") == 1
+    assert value(reg, "adpredict_model_loads_total", model="ctr") == 2
     assert value(reg, "adpredict_model_load_failures_total", model="ctr") == 1
     assert value(reg, "adpredict_model_last_load_timestamp_seconds", model="ctr") > 1.7e9
     assert value(reg, "adpredict_model_dir_problem") == 1
@@ -251,6 +254,7 @@ async def test_a_real_scrape_is_promtool_clean_and_counts_what_was_sent(
     assert sample("adpredict_predictions_total", model="small") == 80
     assert sample("adpredict_models_loaded") == 1
     assert sample("adpredict_model_version", model="small") == 1
+    assert sample("adpredict_model_fed_rows", model="small") == 1
     assert sample("adpredict_in_flight_requests", method="Predict") == 0
     assert sample("adpredict_queue_depth_requests", model="small") == 0
     assert sample("process_cpu_seconds_total") > 0

@@ -235,6 +235,13 @@ class ServingMetrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.model_fed_rows = Gauge(
+            "adpredict_model_fed_rows",
+            "1 while the serving version is fed table rows (serving_rows), 0 strings.",
+            ["model"],
+            multiprocess_mode="livemin",
+            registry=r,
+        )
         self.models_loaded = Gauge(
             "adpredict_models_loaded",
             "Models this process can serve; 0 means it answers nothing.",
@@ -289,6 +296,9 @@ class ServingMetrics:
         if event.kind == "loaded":
             self.model_loads.labels(event.name).inc()
             self.model_version.labels(event.name).set(event.version)
+            self.model_fed_rows.labels(event.name).set(
+                1 if getattr(event, "fed_rows", False) else 0
+            )
             self.last_load.labels(event.name).set(time.time())
         elif event.kind == "failed":
             self.load_failures.labels(event.name).inc()

@@ -114,7 +114,8 @@ EventKind = Literal["loaded", "failed", "dir_problem", "dir_ok"]
 class RuntimeEvent:
     """Something the runtime did or noticed; handed to ``on_event`` (from the loader thread).
 
-    ``kind``: ``loaded`` (a version now serves; ``previous`` is the version it replaced, if any),
+    ``kind``: ``loaded`` (a version now serves; ``previous`` is the version it replaced, if any;
+    ``fed_rows``: it is fed table rows through ``serving_rows``),
     ``failed`` (a version was rejected; ``reason`` says why), ``dir_problem`` (the model dir is
     unreadable, missing or empty; loaded models keep serving) and ``dir_ok`` (it is readable again).
     """
@@ -126,6 +127,7 @@ class RuntimeEvent:
     reason: str = ""
     previous: int | None = None
     load_s: float = 0.0
+    fed_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -811,22 +813,24 @@ class ModelRuntime:
         prev_version = previous.version if previous else None
         if previous is None:
             logger.info(
-                "model %s version %d loaded from %s in %.2fs (schema %s, %s)",
+                "model %s version %d loaded from %s in %.2fs (schema %s, %s; fed through %s)",
                 model.name,
                 model.version,
                 model.path,
                 load_s,
                 model.schema.name,
                 model.fingerprint,
+                ROWS_SIGNATURE if model.has_rows else SIGNATURE,
             )
         else:
             logger.info(
-                "model %s swapped version %d -> %d (%s, loaded in %.2fs)",
+                "model %s swapped version %d -> %d (%s, loaded in %.2fs; fed through %s)",
                 model.name,
                 prev_version,
                 model.version,
                 model.path,
                 load_s,
+                ROWS_SIGNATURE if model.has_rows else SIGNATURE,
             )
         self._emit(
             RuntimeEvent(
@@ -836,6 +840,7 @@ class ModelRuntime:
                 model.path,
                 previous=prev_version,
                 load_s=load_s,
+                fed_rows=model.has_rows,
             )
         )
 
