@@ -296,9 +296,7 @@ class ServingMetrics:
         if event.kind == "loaded":
             self.model_loads.labels(event.name).inc()
             self.model_version.labels(event.name).set(event.version)
-            self.model_fed_rows.labels(event.name).set(
-                1 if getattr(event, "fed_rows", False) else 0
-            )
+            self.model_fed_rows.labels(event.name).set(1 if event.fed_rows else 0)
             self.last_load.labels(event.name).set(time.time())
         elif event.kind == "failed":
             self.load_failures.labels(event.name).inc()
