@@ -85,6 +85,38 @@ def test_numeric_buckets_match_tensorflow(values: list[bytes]) -> None:
         assert [_wire.numeric_bucket(v, _BOUNDARIES) for v in values] == _tensorflow_buckets(values)
 
 
+def _float32_midpoints() -> list[bytes]:
+    """Decimals exactly halfway between two float32s (ties round to even), and their
+    neighbours in the last digit: where a double-then-float32 parse could differ."""
+    out = []
+    for n in (2**24 + 1, 2**24 + 3, 2**25 + 2, 2**25 + 6, 2**30 + 64, 2**40 + 2**16):
+        out += [b"%d" % n, b"%d" % (n - 1), b"%d" % (n + 1), b"-%d" % n, b"%d.0" % n]
+    out += [b"%d.%s" % (n, b"0" * 12) for n in (2**24 + 1, 2**24 + 3)]  # 15+ digits
+    return out
+
+
+_EDGES = [
+    b"0", b"-0", b"+0", b"0.0", b".5", b"5.", b"+.5", b"-5.", b"007", b"0.000000000000000000001",
+    b"123456789012345", b"1234567890123456", b"0.1", b"0.3", b"1.1", b"2.35", b"340282350000000000000000000000000000000",
+    b"0.0000000000000000000000000000000000000117549435", b"1.00000005960464477539",
+    b"1.0000000596046448", b"0.99999997", b"12.999999999999999",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("boundaries", [_BOUNDARIES, [float(2**24 + 2), float(2**30 + 128)]])
+def test_numeric_buckets_at_float32_midpoints_and_edges(boundaries: list[float]) -> None:
+    values = [v for v in _float32_midpoints() + _EDGES if _accepted(v)]
+    got = [_wire.numeric_bucket(v, boundaries) for v in values]
+    raw = tf.constant(values, tf.string)
+    want = (
+        tf.raw_ops.Bucketize(
+            input=tf.strings.to_number(raw, tf.float32), boundaries=boundaries
+        ).numpy()
+        + 1
+    )
+    assert got == want.tolist()
+
+
 def test_numeric_bucket_refuses_what_is_not_a_number() -> None:
     with pytest.raises(ValueError, match="not a decimal number"):
         _wire.numeric_bucket(b"1.5x", _BOUNDARIES)

@@ -45,6 +45,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <float.h>
 #include <locale.h>
 #include <math.h>
 #include <stdlib.h>
@@ -599,28 +600,14 @@ static locale_t c_locale(void) {
     return c;
 }
 
-static Py_ssize_t numeric_bucket_of(const char *p, Py_ssize_t len, const float *bounds,
-                                    Py_ssize_t n) {
-    char small[128];
-    if (len == 0) {
-        return 0;
-    }
-    char *buf = len < (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)len + 1);
-    if (buf == NULL) {
-        return -1;
-    }
-    memcpy(buf, p, (size_t)len);
-    buf[len] = '\0';
-    locale_t c = c_locale();
-    char *end = buf;
-    float x = c != (locale_t)0 ? strtof_l(buf, &end, c) : 0.0f; /* no C locale: not parsed */
-    int parsed = end == buf + len;
-    if (buf != small) {
-        PyMem_Free(buf);
-    }
-    if (!parsed) {
-        return -1;
-    }
+/* The float32 TensorFlow parses from a plain decimal ([+-]digits[.digits], at most 15
+ * significant digits), without strtof: 1 and *out, or 0 for "use strtof". The mantissa m
+ * (< 10^15 < 2^53) and 10^f (f <= 22) are exact doubles, so m / 10^f is the correctly rounded
+ * double of the value; rounding that double to float32 is then the correctly rounded float32
+ * unless the double lands exactly on a float32 midpoint (double rounding), which is left to
+ * strtof, as are subnormal and out-of-range magnitudes. */
+/* 0 if x is not finite, else 1 + the number of boundaries <= x (Bucketize's upper_bound). */
+static Py_ssize_t float_bucket(float x, const float *bounds, Py_ssize_t n) {
     if (!isfinite(x)) {
         return 0;
     }
@@ -634,6 +621,80 @@ static Py_ssize_t numeric_bucket_of(const char *p, Py_ssize_t len, const float *
         }
     }
     return lo + 1;
+}
+
+static int fast_float32(const char *p, Py_ssize_t len, float *out) {
+    static const double pow10[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                     1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                     1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+    const char *end = p + len;
+    int negative = 0, digits = 0, fraction = 0, dot = 0, any = 0;
+    uint64_t m = 0;
+    if (p < end && (*p == '+' || *p == '-')) {
+        negative = *p == '-';
+        p++;
+    }
+    for (; p < end; p++) {
+        char c = *p;
+        if (c >= '0' && c <= '9') {
+            any = 1;
+            fraction += dot;
+            if (m == 0 && c == '0') {
+                continue; /* leading zeros are not significant */
+            }
+            if (++digits > 15) {
+                return 0;
+            }
+            m = m * 10 + (uint64_t)(c - '0');
+        } else if (c == '.' && !dot) {
+            dot = 1;
+        } else {
+            return 0;
+        }
+    }
+    if (!any || fraction > 22) {
+        return 0;
+    }
+    double v = (double)m / pow10[fraction];
+    if (v != 0.0) {
+        uint64_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        /* the 29 bits a float32 drops from a normal double: exactly half is a midpoint */
+        if (v < FLT_MIN || v > FLT_MAX || (bits & ((1ULL << 29) - 1)) == (1ULL << 28)) {
+            return 0;
+        }
+    }
+    *out = (float)(negative ? -v : v);
+    return 1;
+}
+
+static Py_ssize_t numeric_bucket_of(const char *p, Py_ssize_t len, const float *bounds,
+                                    Py_ssize_t n) {
+    char small[128];
+    if (len == 0) {
+        return 0;
+    }
+    float x;
+    if (fast_float32(p, len, &x)) {
+        return float_bucket(x, bounds, n);
+    }
+    char *buf = len < (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)len + 1);
+    if (buf == NULL) {
+        return -1;
+    }
+    memcpy(buf, p, (size_t)len);
+    buf[len] = '\0';
+    locale_t c = c_locale();
+    char *end = buf;
+    x = c != (locale_t)0 ? strtof_l(buf, &end, c) : 0.0f; /* no C locale: not parsed */
+    int parsed = end == buf + len;
+    if (buf != small) {
+        PyMem_Free(buf);
+    }
+    if (!parsed) {
+        return -1;
+    }
+    return float_bucket(x, bounds, n);
 }
 
 /* The row of one value of a single-valued field (features.py): categorical
