@@ -748,12 +748,13 @@ def _rows_view(columns: dict[str, object]) -> dict[str, object]:
 def rows_outcome(codec: RequestCodec, request: object, *, hash_here: bool) -> tuple[object, ...]:
     """What decode made of a request in the rows layout, or the error's message.
 
-    ``hash_here``: decode to strings, then hash in Python (the fallback's conversion), to
-    compare with the C decoder writing rows itself."""
+    ``hash_here``: decode to strings, then hash them value by value (the fallback's
+    conversion, ``_FAST``'s: the Python-only codec has no ``_wire`` to hash with), to compare
+    with the C decoder writing rows itself."""
     try:
         require_decoded(request)
         if hash_here:
-            parsed = codec._to_rows(codec.decode(request), None)
+            parsed = _FAST._to_rows(codec.decode(request), None)
         else:
             parsed = codec.decode(request, rows=True)
     except InvalidRequestError as exc:

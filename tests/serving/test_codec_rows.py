@@ -178,3 +178,20 @@ def test_numeric_bucket_reads_long_values() -> None:
     # The codec allows values up to max_value_bytes (256 by default): longer than a short buffer.
     long_value = b"0." + b"0" * 200 + b"1"
     assert _wire.numeric_bucket(long_value, _BOUNDARIES) == _tensorflow_buckets([long_value])[0]
+
+
+def test_field_rows_hashes_as_the_decoder_and_refuses_what_it_cannot() -> None:
+    schema, codec, _ = _rows_codec_and_hasher()
+    names = [f.name for f in (*schema.context_fields, *schema.candidate_fields)]
+    ad, bid = names.index("creative_id"), names.index("bid_cpm")
+    offsets = schema.offsets()
+    rows = _wire.field_rows(codec._rows_plan, ad, [b"", b"c1"])
+    mod = schema.field("creative_id").buckets - 1
+    want = offsets["creative_id"] + 1 + (_wire.fingerprint64(b"c1") & (2**62 - 1)) % mod
+    assert rows.tolist() == [offsets["creative_id"], want]
+    with pytest.raises(ValueError, match="not a number"):
+        _wire.field_rows(codec._rows_plan, bid, [b"1.5", b"cheap"])
+    with pytest.raises(ValueError, match="rows plan and a field index"):
+        _wire.field_rows(codec._rows_plan, len(names), [b"x"])
+    with pytest.raises(TypeError):
+        _wire.field_rows(codec._rows_plan, ad, [b"x", "text"])

@@ -38,9 +38,11 @@
  *   hashes: FarmHash Fingerprint64 (_farmhash.h, TensorFlow's to_hash_bucket_fast) for
  *   categorical values, strtof + upper_bound in float32 for numeric ones.
  *
- * fingerprint64(data), numeric_bucket(value, boundaries): the same two hashes for one value
- *   (the codec's fallback hashes what upb decoded with them; the tests check them against
- *   TensorFlow).
+ * field_rows(plan, index, values): the same rows for one field's values decoded elsewhere
+ *   (the codec's fallback: upb + the Python checks), through the same code.
+ *
+ * fingerprint64(data), numeric_bucket(value, boundaries): the two hashes for one value, for
+ *   the tests that check them against TensorFlow.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -325,6 +327,31 @@ static int plan_fields(PyObject *seq, FieldPlan *out, Py_ssize_t n, int context)
     return 1;
 }
 
+/* A sequence of numbers as a PyMem float32 array (*n items, at least one slot); NULL with an
+ * error set if it is not one. */
+static float *float_array(PyObject *seq, Py_ssize_t *n) {
+    PyObject *fast = PySequence_Fast(seq, "boundaries must be a sequence of numbers");
+    if (fast == NULL) {
+        return NULL;
+    }
+    *n = PySequence_Fast_GET_SIZE(fast);
+    float *out = PyMem_Malloc((size_t)(*n + 1) * sizeof(float));
+    if (out == NULL) {
+        PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; out != NULL && i < *n; i++) {
+        double x = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        if (x == -1.0 && PyErr_Occurred()) {
+            PyMem_Free(out);
+            out = NULL;
+        } else {
+            out[i] = (float)x;
+        }
+    }
+    Py_DECREF(fast);
+    return out;
+}
+
 /* The rows configuration: one (buckets, offset, boundaries) per field, context then
  * candidates, as features.py lays out the model's table. */
 static int plan_rows(PyObject *rows, Plan *plan) {
@@ -347,24 +374,12 @@ static int plan_rows(PyObject *rows, Plan *plan) {
             PyErr_SetString(PyExc_ValueError, "Plan: rows need buckets >= 2 and offset >= 0");
             ok = 0;
         }
-        PyObject *b = ok ? PySequence_Fast(bounds, "Plan: boundaries must be a sequence") : NULL;
-        ok = b != NULL;
         if (ok) {
             f->buckets = buckets;
             f->offset = offset;
-            f->n_bounds = PySequence_Fast_GET_SIZE(b);
-            f->bounds = PyMem_Malloc((size_t)(f->n_bounds + 1) * sizeof(float));
+            f->bounds = float_array(bounds, &f->n_bounds);
             ok = f->bounds != NULL;
-            for (Py_ssize_t j = 0; ok && j < f->n_bounds; j++) {
-                double x = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(b, j));
-                ok = !(x == -1.0 && PyErr_Occurred());
-                f->bounds[j] = (float)x;
-            }
-            if (f->bounds == NULL) {
-                PyErr_NoMemory();
-            }
         }
-        Py_XDECREF(b);
     }
     Py_DECREF(seq);
     plan->rows = ok;
@@ -1020,26 +1035,11 @@ static PyObject *numeric_bucket(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y#O", &data, &len, &seq)) {
         return NULL;
     }
-    PyObject *fast = PySequence_Fast(seq, "boundaries must be a sequence of numbers");
-    if (fast == NULL) {
+    Py_ssize_t n;
+    float *bounds = float_array(seq, &n);
+    if (bounds == NULL) {
         return NULL;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    float *bounds = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(float));
-    if (bounds == NULL) {
-        Py_DECREF(fast);
-        return PyErr_NoMemory();
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        double b = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
-        if (b == -1.0 && PyErr_Occurred()) {
-            PyMem_Free(bounds);
-            Py_DECREF(fast);
-            return NULL;
-        }
-        bounds[i] = (float)b;
-    }
-    Py_DECREF(fast);
     Py_ssize_t bucket = numeric_bucket_of(data, len, bounds, n);
     PyMem_Free(bounds);
     if (bucket < 0) {
@@ -1049,6 +1049,84 @@ static PyObject *numeric_bucket(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(bucket);
 }
 
+/* The bytes of a list of bytes objects as spans (PyMem, at least one slot); NULL with an
+ * error set if an item is not bytes. The list keeps the objects alive. */
+static Span *spans_of(PyObject *list, Py_ssize_t n, Span *out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *ptr;
+        if (PyBytes_AsStringAndSize(PyList_GET_ITEM(list, i), &ptr, &out[i].len) < 0) {
+            return NULL;
+        }
+        out[i].ptr = ptr;
+    }
+    return out;
+}
+
+/* field_rows(plan, index, values) -> the rows of field `index` (context then candidates) for
+ * values decoded elsewhere (upb + the Python checks): a list of bytes for a single-valued
+ * field -> int64 [n]; for a multi-valued one a list of lists of its non-empty values ->
+ * (rows, weights) [n, widest + 1]. The same code as decode's, so both paths give the same
+ * rows. ValueError for a numeric value that does not parse. */
+static PyObject *field_rows(PyObject *self, PyObject *args) {
+    PyObject *capsule, *values;
+    Py_ssize_t index;
+    if (!PyArg_ParseTuple(args, "OnO!:field_rows", &capsule, &index, &PyList_Type, &values)) {
+        return NULL;
+    }
+    Plan *plan = PyCapsule_GetPointer(capsule, PLAN);
+    if (plan == NULL) {
+        return NULL;
+    }
+    if (!plan->rows || index < 0 || index >= plan->n_context + plan->n_candidates) {
+        PyErr_SetString(PyExc_ValueError, "field_rows: needs a rows plan and a field index");
+        return NULL;
+    }
+    const FieldPlan *f = &plan->fields[index];
+    Py_ssize_t n = PyList_GET_SIZE(values), total = n;
+    uint32_t *counts = NULL;
+    if (f->kind == KIND_MULTI) {
+        counts = PyMem_Calloc((size_t)(n + 1), sizeof(uint32_t));
+        if (counts == NULL) {
+            return PyErr_NoMemory();
+        }
+        total = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *row = PyList_GET_ITEM(values, i);
+            if (!PyList_Check(row)) {
+                PyMem_Free(counts);
+                PyErr_SetString(PyExc_TypeError, "field_rows: a multi-valued row is a list");
+                return NULL;
+            }
+            counts[i] = (uint32_t)PyList_GET_SIZE(row);
+            total += counts[i];
+        }
+    }
+    Span *spans = PyMem_Malloc((size_t)(total + 1) * sizeof(Span));
+    PyObject *result = NULL;
+    int ok = spans != NULL;
+    if (!ok) {
+        PyErr_NoMemory();
+    }
+    if (ok && counts == NULL) {
+        ok = spans_of(values, n, spans) != NULL;
+        result = ok ? single_rows(f, spans, n) : NULL;
+        if (ok && result == NULL && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "field_rows: a numeric value is not a number");
+        }
+    } else if (ok) {
+        Py_ssize_t at = 0, widest = 0;
+        for (Py_ssize_t i = 0; ok && i < n; i++) {
+            ok = spans_of(PyList_GET_ITEM(values, i), counts[i], spans + at) != NULL;
+            at += counts[i];
+            widest = counts[i] > widest ? counts[i] : widest;
+        }
+        result = ok ? multi_rows(f, spans, counts, n, widest + 1) : NULL;
+    }
+    PyMem_Free(spans);
+    PyMem_Free(counts);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"header", header, METH_O,
      "header(data) -> (request_id, model, num_candidates), or None: not the usual shape"},
@@ -1056,6 +1134,8 @@ static PyMethodDef methods[] = {
      "Plan(context, candidates, max_value_bytes[, rows]) -> the schema as decode() reads it"},
     {"decode", decode, METH_VARARGS,
      "decode(data, plan, k) -> (context, candidates, missing), or None: let Python decide"},
+    {"field_rows", field_rows, METH_VARARGS,
+     "field_rows(plan, index, values) -> one field's table rows, hashed as decode() hashes"},
     {"numeric_bucket", numeric_bucket, METH_VARARGS,
      "numeric_bucket(value, boundaries) -> the model's bucket of a numeric value (0: missing)"},
     {"fingerprint64", fingerprint64, METH_O,

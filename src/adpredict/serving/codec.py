@@ -16,9 +16,9 @@
 * ``decode(request, rows=True)`` and ``merge(slices, rows=True)`` do the same for the
   ``serving_rows`` signature: the decoder hashes each value to the model's table row
   (FarmHash Fingerprint64 and the numeric buckets, in C, equal to the graph's own hashing), so
-  no bytes object is made per value and the model skips its hashing (~35% less CPU per
-  prediction in the server, docs/BENCHMARKS.md). The servicer uses it when the loaded version
-  has that signature and it answered the warm-up as ``serving_default`` did.
+  no bytes object is made per value and the model skips its hashing (32-36% less server CPU
+  per prediction at K = 300, docs/BENCHMARKS.md). The servicer uses it when the loaded
+  version has that signature and it answered the warm-up as ``serving_default`` did.
 
 The wire layout is columnar (see ``proto/adpredict/v1/prediction_service.proto``), so the work
 per request is a fixed number of C-level calls per field; nothing loops over candidates in
@@ -301,8 +301,12 @@ class RequestCodec:
             else None
         )
         self._offsets = schema.offsets()  # each field's first row in the shared table
+        fields = (*schema.context_fields, *schema.candidate_fields)
+        self._field_index = {f.name: i for i, f in enumerate(fields)}  # in the plan
+        self._single_context = [f.name for f in schema.context_fields if not f.is_multi]
+        self._single_candidates = [f.name for f in schema.candidate_fields if not f.is_multi]
         # The same checks, writing table rows instead of bytes objects (FarmHash and the
-        # numeric buckets in C, equal to the graph's: tests/serving/test_farmhash.py).
+        # numeric buckets in C, equal to the graph's: tests/serving/test_codec_rows.py).
         self._rows_plan = (
             _wire.Plan(
                 [self._plan_field(f) for f in schema.context_fields],
@@ -310,7 +314,7 @@ class RequestCodec:
                 self.limits.max_value_bytes,
                 [
                     (f.buckets, self._offsets[f.name], list(f.boundaries) if f.is_numeric else [])
-                    for f in (*schema.context_fields, *schema.candidate_fields)
+                    for f in fields
                 ],
             )
             if _wire is not None
@@ -380,33 +384,13 @@ class RequestCodec:
         )
 
     def _value_rows(self, field: Field, values: np.ndarray) -> Any:
-        """One field's values (object array of bytes) as table rows (``features.py``'s)."""
-        off, mod = self._offsets[field.name], field.buckets - 1
-        if field.is_multi:
-            width = values.shape[1] + 1
-            rows = np.full((len(values), width), off, np.int64)
-            weights = np.zeros((len(values), width), np.float32)
-            for i, row in enumerate(values.tolist()):
-                present = [v for v in row if v]  # b"" only pads a multi-valued row
-                for j, v in enumerate(present):
-                    rows[i, j] = off + 1 + _wire.fingerprint64(v) % mod
-                if present:
-                    weights[i, : len(present)] = np.float32(1) / np.float32(len(present))
-                else:
-                    weights[i, -1] = 1
-            return rows, weights
-        if field.is_numeric:
-            bounds = list(field.boundaries)
-            return np.array([off + _wire.numeric_bucket(v, bounds) for v in values.tolist()],
-                            np.int64)  # fmt: skip
-        mask = (1 << 62) - 1
-        return np.array(
-            [
-                off + 1 + (_wire.fingerprint64(v) & mask) % mod if v else off
-                for v in values.tolist()
-            ],
-            np.int64,
-        )
+        """One field's values (object array of bytes) as table rows, hashed by ``_wire``'s
+        own code for them (``field_rows``), so this path and ``_wire.decode`` agree."""
+        index = self._field_index[field.name]
+        if field.is_multi:  # b"" only pads a multi-valued row (the checks refuse empty values)
+            rows = [[v for v in row if v] for row in values.tolist()]
+            return _wire.field_rows(self._rows_plan, index, rows)
+        return _wire.field_rows(self._rows_plan, index, values.tolist())
 
     def _check_size(self, k: int) -> None:
         if k < 1:
@@ -692,51 +676,36 @@ class RequestCodec:
             0,
             self.fingerprint,
         )
-        out = self._merge_rows([Slice(self._to_rows(parsed, None), 0, size)])
+        requests = len(feed[self.schema.context_fields[0].name]) if self._context else 1
+        out = self._merge_rows([Slice(self._to_rows(parsed, None), 0, size)], requests)
         out[REQUEST_INDEX] = feed[REQUEST_INDEX]
         return out
 
-    def _merge_rows(self, slices: list[Slice[ParsedRequest]]) -> dict[str, np.ndarray]:
-        """The ``serving_rows`` feed (``model.export.rows_input_signature``) for rows slices.
+    def _merge_rows(
+        self, slices: list[Slice[ParsedRequest]], context_rows: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """The ``serving_rows`` feed (``model.export.rows_input_signature``) for rows slices
+        (``context_rows``: how many context rows they hold; default one per slice).
 
         Multi-valued rows of different widths are padded to the widest with the field's
         padding row and weight 0, which the graph's weighted sum ignores.
         """
-        single_ctx = [n for n, f in self._context.items() if not f.is_multi]
-        single_cand = [n for n, f in self._candidate.items() if not f.is_multi]
-        feed: dict[str, np.ndarray] = {
-            "context_rows": np.stack(
-                [np.concatenate([s.payload.context[n] for s in slices]) for n in single_ctx], 1
-            ),
-            "candidate_rows": np.stack(
-                [
-                    np.concatenate([s.payload.candidates[n][s.start : s.stop] for s in slices])
-                    for n in single_cand
-                ],
-                1,
-            ),
-        }
-        for scope, fields in (("context", self._context), ("candidates", self._candidate)):
-            for name, field in fields.items():
-                if not field.is_multi:
-                    continue
-                parts = []
-                for s in slices:
-                    rows, weights = getattr(s.payload, scope)[name]
-                    if scope == "candidates":
-                        rows, weights = rows[s.start : s.stop], weights[s.start : s.stop]
-                    parts.append((rows, weights))
-                width = max(r.shape[1] for r, _ in parts)
-                n = sum(len(r) for r, _ in parts)
-                rows = np.full((n, width), self._offsets[name], np.int64)
-                weights = np.zeros((n, width), np.float32)
-                at = 0
-                for r, w in parts:
-                    rows[at : at + len(r), : r.shape[1]] = r
-                    weights[at : at + len(r), : w.shape[1]] = w
-                    at += len(r)
-                feed[f"{name}_rows"], feed[f"{name}_weights"] = rows, weights
+        context = [s.payload.context for s in slices]
+        candidates = [
+            {n: _cut(a, s.start, s.stop) for n, a in s.payload.candidates.items()} for s in slices
+        ]
         sizes = [s.stop - s.start for s in slices]
+        n_context = len(slices) if context_rows is None else context_rows
+        feed: dict[str, np.ndarray] = {
+            "context_rows": _columns(context, self._single_context, n_context),
+            "candidate_rows": _columns(candidates, self._single_candidates, sum(sizes)),
+        }
+        for parts, fields in ((context, self._context), (candidates, self._candidate)):
+            for name, field in fields.items():
+                if field.is_multi:
+                    feed[f"{name}_rows"], feed[f"{name}_weights"] = _pad_rows(
+                        [p[name] for p in parts], self._offsets[name]
+                    )
         feed[REQUEST_INDEX] = np.repeat(np.arange(len(slices), dtype=np.int32), sizes)
         return feed
 
@@ -751,6 +720,37 @@ class RequestCodec:
                 f"the model returned shape {probabilities.shape} for {sum(sizes)} candidates"
             )
         return np.split(probabilities, np.cumsum(sizes)[:-1])
+
+
+def _cut(column: Any, start: int, stop: int) -> Any:
+    """Candidates ``start:stop`` of a rows-layout column (an array, or (rows, weights))."""
+    if isinstance(column, tuple):
+        return column[0][start:stop], column[1][start:stop]
+    return column[start:stop]
+
+
+def _columns(parts: list[Mapping[str, Any]], names: list[str], n: int) -> np.ndarray:
+    """int64 ``[n, len(names)]``: the single-valued rows of ``names``, parts one after another."""
+    out = np.empty((n, len(names)), np.int64)
+    for j, name in enumerate(names):
+        np.concatenate([p[name] for p in parts], out=out[:, j])
+    return out
+
+
+def _pad_rows(
+    pairs: list[tuple[np.ndarray, np.ndarray]], pad: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate (rows, weights) blocks, padded to the widest with row ``pad``, weight 0."""
+    width = max(r.shape[1] for r, _ in pairs)
+    n = sum(len(r) for r, _ in pairs)
+    rows = np.full((n, width), pad, np.int64)
+    weights = np.zeros((n, width), np.float32)
+    at = 0
+    for r, w in pairs:
+        rows[at : at + len(r), : r.shape[1]] = r
+        weights[at : at + len(r), : w.shape[1]] = w
+        at += len(r)
+    return rows, weights
 
 
 def _stack(arrays: list[np.ndarray], multi: bool) -> np.ndarray:
