@@ -23,6 +23,7 @@ from adpredict.schema import Schema
 from adpredict.serving import runtime as runtime_module
 from adpredict.serving.codec import RequestCodec
 from adpredict.serving.runtime import (
+    WARMUP_SHAPES,
     LoadedModel,
     ModelRuntime,
     RuntimeEvent,
@@ -150,6 +151,31 @@ def test_serving_rows_is_used_only_if_it_agrees(
     assert not model.has_rows
     assert "serving_rows disagrees with serving_default" in caplog.text
     assert model.predict(feed_for_schema(model.schema)).shape == (40,)  # strings still serve
+
+
+@pytest.mark.parametrize("fault", ["skewed on the last warm-up feed", "raises"])
+def test_serving_rows_must_agree_on_every_warm_up_feed(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    """A rows signature that goes wrong only on a later warm-up feed (the largest), or fails,
+    is dropped; the version still loads and serves strings."""
+    real = LoadedModel.predict
+    largest = max(c for _, c in WARMUP_SHAPES)
+
+    def late(self: LoadedModel, feed: dict[str, np.ndarray]) -> np.ndarray:
+        out = real(self, feed)
+        if "context_rows" in feed and len(feed["request_index"]) == largest:
+            if fault == "raises":
+                raise ModelError("injected")
+            return out * 0.5
+        return out
+
+    monkeypatch.setattr(LoadedModel, "predict", late)
+    with caplog.at_level(logging.WARNING, logger="adpredict.serving.runtime"):
+        model = load_version(repo / "small" / "1", name="small", version=1)
+    assert not model.has_rows
+    assert ("disagrees" if fault != "raises" else "failed on a warm-up feed") in caplog.text
+    assert model.predict(feed_for_schema(model.schema)).shape == (40,)
 
 
 def test_an_export_without_serving_rows_serves_strings(

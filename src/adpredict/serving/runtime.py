@@ -14,7 +14,7 @@ Checks before a version serves
       with padding) run through ``predict`` and must return finite probabilities of the right
       shape. Only then is the version swapped in, so no caller pays for TensorFlow's first calls.
     * ``serving_rows`` (exports write it beside ``serving_default``; the codec feeds it
-      table rows it hashed itself) is used only if it answers the first warm-up feed, hashed by
+      table rows it hashed itself) is used only if it answers every warm-up feed, hashed by
       the codec, as ``serving_default`` answers the strings; otherwise the version serves
       through ``serving_default`` alone and a warning says why.
 
@@ -456,58 +456,74 @@ def _check_signature(fn: Any, schema: Schema, vdir: Path) -> None:
 
 
 def _warm_up(model: LoadedModel, batches: int) -> None:
-    """Synthetic feeds through every signature the version will serve with; ``ModelError`` if
-    one fails or answers anything but finite probabilities of the right shape."""
-    codec = RequestCodec(model.schema) if model.has_rows else None
+    """Synthetic feeds through ``serving_default``, and the same feeds hashed by the codec
+    through ``serving_rows`` if the version has it. ``ModelError`` if the strings fail or
+    answer anything but finite probabilities of the right shape; if the rows fail or answer
+    differently on any feed, the version is fed strings only (a warning says why)."""
+    codec = _rows_codec(model)
     for i in range(batches):
         requests, candidates = WARMUP_SHAPES[i % len(WARMUP_SHAPES)]
         feed = synthetic_feed(model.schema, requests=requests, candidates=candidates, seed=i)
         if i == 0:
             model._strings.use_flat_if_equivalent(feed)
-            if codec is not None and not _rows_answer_as_strings(model, codec, feed):
-                object.__setattr__(model, "_rows", None)
-                codec = None
-        feeds = [feed] if codec is None else [feed, codec.rows_feed(feed)]
-        for f in feeds:
-            try:
-                out = model.predict(f)
-            except Exception as exc:
-                raise ModelError(f"{model.path}: warm-up failed: {_first_line(exc)}") from None
-            if out.shape != (candidates,) or out.dtype != np.float32:
-                raise ModelError(
-                    f"{model.path}: warm-up returned {out.dtype} {out.shape}, expected float32 "
-                    f"({candidates},)"
-                )
-            if not (np.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()):
-                raise ModelError(
-                    f"{model.path}: warm-up returned probabilities outside [0, 1] or NaN"
-                )
+        strings = _checked_predict(model, feed, candidates)
+        if codec is not None and not _rows_agree(model, codec, feed, strings, first=i == 0):
+            object.__setattr__(model, "_rows", None)
+            codec = None
 
 
-def _rows_answer_as_strings(
-    model: LoadedModel, codec: RequestCodec, feed: dict[str, np.ndarray]
-) -> bool:
-    """Whether ``serving_rows`` answers ``feed`` (hashed by the codec) as ``serving_default``
-    does; if not (or the codec cannot hash), the version serves through strings only."""
+def _checked_predict(model: LoadedModel, feed: dict[str, np.ndarray], size: int) -> np.ndarray:
+    try:
+        out = model.predict(feed)
+    except Exception as exc:
+        raise ModelError(f"{model.path}: warm-up failed: {_first_line(exc)}") from None
+    if out.shape != (size,) or out.dtype != np.float32:
+        raise ModelError(
+            f"{model.path}: warm-up returned {out.dtype} {out.shape}, expected float32 ({size},)"
+        )
+    if not (np.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()):
+        raise ModelError(f"{model.path}: warm-up returned probabilities outside [0, 1] or NaN")
+    return out
+
+
+def _rows_codec(model: LoadedModel) -> RequestCodec | None:
+    """The codec that hashes warm-up feeds for ``serving_rows``, or None: no such signature,
+    or no ``_wire`` to hash with (then the version is fed strings only)."""
+    if model._rows is None:
+        return None
+    codec = RequestCodec(model.schema)
     if not codec.can_decode_rows:
         logger.info("%s: %s unused: adpredict.serving._wire is not built", model.path,
                     ROWS_SIGNATURE)  # fmt: skip
-        return False
+        object.__setattr__(model, "_rows", None)
+        return None
+    return codec
+
+
+def _rows_agree(
+    model: LoadedModel,
+    codec: RequestCodec,
+    feed: dict[str, np.ndarray],
+    strings: np.ndarray,
+    *,
+    first: bool,
+) -> bool:
+    """Whether ``serving_rows`` answers ``feed``, hashed by the codec, as ``serving_default``
+    answered it (``strings``); on the first feed it also picks its call path."""
     signature = model._rows
-    if signature is None:
-        return False
+    assert signature is not None
     try:
         rows_feed = codec.rows_feed(feed)
-        signature.use_flat_if_equivalent(rows_feed)
+        if first:
+            signature.use_flat_if_equivalent(rows_feed)
         rows = model.predict(rows_feed)
-        strings = model.predict(feed)
     except Exception as exc:
-        logger.warning("%s: %s failed on the warm-up feed (%s); serving through %s",
+        logger.warning("%s: %s failed on a warm-up feed (%s); serving through %s",
                        model.path, ROWS_SIGNATURE, _first_line(exc), SIGNATURE)  # fmt: skip
         return False
     if rows.shape != strings.shape or not np.allclose(rows, strings, rtol=1e-5, atol=1e-6):
         worst = float(np.max(np.abs(rows - strings))) if rows.shape == strings.shape else None
-        logger.warning("%s: %s disagrees with %s on the warm-up feed (largest difference %s); "
+        logger.warning("%s: %s disagrees with %s on a warm-up feed (largest difference %s); "
                        "serving through %s", model.path, ROWS_SIGNATURE, SIGNATURE, worst,
                        SIGNATURE)  # fmt: skip
         return False
