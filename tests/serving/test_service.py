@@ -86,12 +86,19 @@ def direct_probabilities(direct: tuple[Any, Schema], example: ExampleRequest) ->
 
 
 class CountingRuntime:
-    """The real runtime, with every compute call's size recorded (and optionally slowed)."""
+    """The real runtime, with every compute call's size recorded (and optionally slowed), and
+    its layout and version in ``fed``. With ``gate``, the first call holds its batch until the
+    test sets it (``entered`` says it got there)."""
 
-    def __init__(self, runtime: ModelRuntime, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, runtime: ModelRuntime, delay_s: float = 0.0, gate: threading.Event | None = None
+    ) -> None:
         self.runtime = runtime
         self.delay_s = delay_s
+        self.gate = gate
+        self.entered = threading.Event()
         self.calls: list[int] = []
+        self.fed: list[tuple[bool, int]] = []  # (fed table rows?, version) per call
 
     def get(self, name: str = "") -> Any:
         return _CountingModel(self.runtime.get(name), self)
@@ -109,9 +116,14 @@ class _CountingModel:
         return getattr(self._model, name)
 
     def predict(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        self._owner.calls.append(len(feed["request_index"]))
-        if self._owner.delay_s:
-            time.sleep(self._owner.delay_s)  # a slow model, not synchronisation
+        owner = self._owner
+        owner.calls.append(len(feed["request_index"]))
+        owner.fed.append(("context_rows" in feed, self._model.version))
+        if owner.gate is not None and not owner.entered.is_set():
+            owner.entered.set()
+            assert owner.gate.wait(60), "the test never opened the gate"
+        if owner.delay_s:
+            time.sleep(owner.delay_s)  # a slow model, not synchronisation
         return self._model.predict(feed)
 
 
@@ -478,46 +490,6 @@ async def test_servicer_rejects_limits_the_batcher_cannot_queue(runtime: ModelRu
         PredictionServicer(runtime, BatcherOptions(), sla_s=0.0, max_candidates=16)
 
 
-async def until(cond: Any, timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not cond():
-            await asyncio.sleep(0.01)
-
-
-class _GatedRuntime:
-    """The real runtime; the first compute call waits until the test opens the gate, and every
-    call records (fed table rows?, version)."""
-
-    def __init__(self, runtime: ModelRuntime) -> None:
-        self.runtime = runtime
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.calls: list[tuple[bool, int]] = []
-
-    def get(self, name: str = "") -> Any:
-        return _GatedModel(self.runtime.get(name), self)
-
-    def names(self) -> list[str]:
-        return self.runtime.names()
-
-
-class _GatedModel:
-    def __init__(self, model: Any, owner: _GatedRuntime) -> None:
-        self._model = model
-        self._owner = owner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def predict(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        owner = self._owner
-        owner.calls.append(("context_rows" in feed, self._model.version))
-        if not owner.entered.is_set():
-            owner.entered.set()
-            assert owner.gate.wait(60), "the test never opened the gate"
-        return self._model.predict(feed)
-
-
 def _strings_only_copy(src: Path, dst: Path) -> None:
     """A version as exports were before serving_rows: the same weights, serving_default only."""
     loaded = tf.saved_model.load(str(src))
@@ -538,9 +510,10 @@ async def test_requests_decoded_as_rows_are_answered_by_a_version_fed_strings(
     rt = ModelRuntime(root, poll_interval_s=3600.0, warmup_batches=1)
     await rt.start()
     recorder = Recorder()
+    gate = threading.Event()
+    gated = CountingRuntime(rt, gate=gate)
     try:
         assert rt.get("small").has_rows
-        gated = _GatedRuntime(rt)
         examples = [example(direct[1], 5, seed=300 + i) for i in range(4)]
         async with serving(gated, observer=recorder) as (stub, _):
             first = asyncio.ensure_future(stub.Predict(to_proto(examples[0]), timeout=30))
@@ -548,17 +521,19 @@ async def test_requests_decoded_as_rows_are_answered_by_a_version_fed_strings(
             waiting = [
                 asyncio.ensure_future(stub.Predict(to_proto(ex), timeout=30)) for ex in examples[1:]
             ]
-            await until(lambda: len(recorder.decoded) == len(examples))  # decoded for v1
+            async with asyncio.timeout(20):  # all decoded for v1
+                while len(recorder.decoded) < len(examples):
+                    await asyncio.sleep(0.01)
             _strings_only_copy(root / "small" / "1", root / "small" / "2")
             await rt.poll_now()
             assert rt.get("small").version == 2 and not rt.get("small").has_rows
-            gated.gate.set()
+            gate.set()
             responses = [await first, *(await asyncio.gather(*waiting))]
     finally:
-        gated.gate.set()
+        gate.set()
         await rt.stop()
-    assert gated.calls[0] == (True, 1)
-    assert gated.calls[1:] and all(call == (False, 2) for call in gated.calls[1:])
+    assert gated.fed[0] == (True, 1)
+    assert gated.fed[1:] and all(call == (False, 2) for call in gated.fed[1:])
     assert [r.model_version for r in responses] == [1, 2, 2, 2]
     for ex, response in zip(examples, responses, strict=True):
         np.testing.assert_allclose(
