@@ -156,7 +156,7 @@ async def running(
     batcher: Batcher[Payload, np.ndarray] = Batcher(
         model, BatcherOptions(**options), clock=clock, observer=observer, name="test"
     )
-    await batcher.start()
+    batcher.start()
     try:
         yield batcher
     finally:
@@ -497,11 +497,11 @@ async def test_submit_checks_its_arguments_and_the_lifecycle() -> None:
     batcher: Batcher[Payload, np.ndarray] = Batcher(FakeModel(), BatcherOptions())
     with pytest.raises(RuntimeError, match="start"):
         await batcher.submit(payload("early", 1), 1)
-    await batcher.start()
+    batcher.start()
     with pytest.raises(ValueError, match="0"):
         await batcher.submit(payload("empty", 0), 0)
     with pytest.raises(RuntimeError, match="already started"):
-        await batcher.start()
+        batcher.start()
     await batcher.close()
 
 
@@ -681,7 +681,7 @@ async def test_close_drains_queued_work_then_rejects_new_requests() -> None:
     batcher: Batcher[Payload, np.ndarray] = Batcher(
         model, BatcherOptions(max_batch_size=64, max_wait_s=1.0), clock=clock, observer=observer
     )
-    await batcher.start()
+    batcher.start()
     queued = [payload(name, 2) for name in "abc"]
     tasks = [submit(batcher, p) for p in queued]
     assert await pending(*tasks)
@@ -705,7 +705,7 @@ async def test_close_gives_up_after_grace_and_answers_everyone() -> None:
         clock=clock,
         observer=observer,
     )
-    await batcher.start()
+    batcher.start()
     stuck = submit(batcher, payload("stuck", 4))
     await model.wait_entered()
     waiting = submit(batcher, payload("waiting", 4))

@@ -418,8 +418,8 @@ class Batcher(Generic[P, R]):
     ``run_batch`` runs in a worker thread with the slices of one batch, in queue order, and must
     return one result per slice. ``join`` combines a split request's results in order (default
     ``numpy.concatenate``); a request that was not split gets its slice's result as is.
-    Use it from one event loop: ``start()`` there, ``submit()`` from any task, ``close()`` at the
-    end (or ``async with``).
+    Use it from one event loop: ``start()`` there, ``submit()`` from any task (or ``enqueue()``
+    from any callback), ``close()`` at the end (or ``async with``).
     """
 
     def __init__(
@@ -495,8 +495,9 @@ class Batcher(Generic[P, R]):
         """Predictions in the largest of the last ``cost_window`` computed batches (0 if none)."""
         return self._cost.largest_recent()
 
-    async def start(self) -> None:
-        """Start the scheduler task and the compute threads on the running event loop."""
+    def start(self) -> None:
+        """Start the scheduler task and the compute threads on the running event loop (call
+        it from a coroutine or callback on that loop; nothing is awaited)."""
         if self._scheduler is not None or self._closing:
             raise RuntimeError(f"batcher {self._name!r} was already started or closed")
         self._loop = asyncio.get_running_loop()
@@ -516,6 +517,15 @@ class Batcher(Generic[P, R]):
         ``ValueError`` if ``size < 1``, and whatever ``run_batch`` raised for its batch.
         Cancelling the caller withdraws the request.
         """
+        return await self.enqueue(payload, size, deadline)
+
+    def enqueue(
+        self, payload: P, size: int, deadline: float | None = None
+    ) -> asyncio.Future[Completed[R]]:
+        """``submit`` without the coroutine: admits and queues now (raising what ``submit``
+        raises at admission) and returns the future of the result, which fails as ``submit``
+        would. Cancelling the future withdraws the request. For a caller that answers from a
+        done callback instead of a task per request (the native front end)."""
         now = self._admit(size, deadline)
         future: asyncio.Future[Completed[R]] = self._loop.create_future()
         request = _Request(payload, size, deadline, now, future)
@@ -526,7 +536,7 @@ class Batcher(Generic[P, R]):
         self._queue.append(request)
         self._queued += size
         self._wake.set()
-        return await future
+        return future
 
     def check(self, size: int, deadline: float | None = None) -> None:
         """Raise what ``submit(…, size, deadline)`` would raise at admission, now, without
@@ -602,7 +612,7 @@ class Batcher(Generic[P, R]):
         await asyncio.wait({self._scheduler})
 
     async def __aenter__(self) -> Batcher[P, R]:
-        await self.start()
+        self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
