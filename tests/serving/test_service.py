@@ -29,7 +29,12 @@ from adpredict.model.export import METADATA_FILE, SIGNATURE, load_signature
 from adpredict.schema import Schema
 from adpredict.serving.batcher import BatcherOptions
 from adpredict.serving.runtime import ModelRuntime
-from adpredict.serving.service import PredictionServicer, ServiceObserver
+from adpredict.serving.service import (
+    Outcome,
+    PendingPredict,
+    PredictionServicer,
+    ServiceObserver,
+)
 from adpredict.v1 import prediction_service_pb2 as pb
 from adpredict.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -230,6 +235,58 @@ async def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(
             np.array(response.probabilities), direct_probabilities(direct, ex), rtol=0, atol=1e-6
         )
         assert response.batch_requests == n and response.batch_predictions == n * k
+
+
+async def test_start_and_finish_predict_answer_without_a_task_per_request(
+    runtime: ModelRuntime, direct: tuple[Any, Schema]
+) -> None:
+    """The native front end's path: ``start_predict`` validates and queues at once, the
+    batcher's future's done callback ``finish_predict``s; a cancelled future withdraws."""
+    counting = CountingRuntime(runtime)
+    recorder = Recorder()
+    options = BatcherOptions(max_wait_s=0.0)
+    servicer = PredictionServicer(
+        counting, options, sla_s=5.0, max_candidates=64, observer=recorder
+    )
+    await servicer.start()
+    try:
+        unknown = servicer.start_predict(pb.PredictRequest(model="nope"), budget_s=None)
+        assert isinstance(unknown, Outcome) and unknown.code is grpc.StatusCode.NOT_FOUND
+        assert servicer.in_flight == 0
+
+        ex = example(direct[1], 5, seed=3)
+        pending = servicer.start_predict(to_proto(ex, request_id="r1"), budget_s=1.0)
+        assert isinstance(pending, PendingPredict) and servicer.in_flight == 1
+        answered: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        pending.future.add_done_callback(
+            lambda _: answered.set_result(servicer.finish_predict(pending))
+        )
+        outcome = await asyncio.wait_for(answered, RPC_TIMEOUT_S)
+        assert outcome.code is grpc.StatusCode.OK and servicer.in_flight == 0
+        response = pb.PredictResponse.FromString(outcome.body)
+        assert response.request_id == "r1" and response.model == "small"
+        np.testing.assert_allclose(
+            np.array(response.probabilities), direct_probabilities(direct, ex), rtol=0, atol=1e-6
+        )
+
+        # Cancelled before its batch closes: never computed, answered CANCELLED, not in flight.
+        withdrawn = servicer.start_predict(to_proto(ex), budget_s=1.0)
+        assert isinstance(withdrawn, PendingPredict)
+        withdrawn.future.cancel()
+        cancelled = servicer.finish_predict(withdrawn)
+        assert cancelled.code is grpc.StatusCode.CANCELLED and servicer.in_flight == 0
+        batcher = servicer.batchers()["small"]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if batcher.in_flight_requests == 0 and batcher.queued_predictions == 0:
+                break
+        assert batcher.in_flight_requests == 0 and batcher.queued_predictions == 0
+        assert counting.calls == [5]
+        assert [code for _, _, code in recorder.done] == [
+            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OK, grpc.StatusCode.CANCELLED
+        ]  # fmt: skip
+    finally:
+        await servicer.close(1.0)
 
 
 def _bad_requests(schema: Schema) -> dict[str, tuple[pb.PredictRequest, str]]:

@@ -13,9 +13,13 @@ How
     passed before Python could take the call (DEADLINE_EXCEEDED), shutting down (UNAVAILABLE),
     an unknown method (UNIMPLEMENTED), and a Predict whose budget is shorter than the queue's
     present delay (DEADLINE_EXCEEDED; see "Admission" below). The rest queue in C++; an
-    eventfd wakes the event loop, which takes the whole queue in one call and runs each call as a task through the same
-    ``PredictionServicer.predict_outcome`` / ``metadata_outcome`` as the grpc.aio front end, so
-    validation, admission, batching, status codes and metrics are the same code. Health is
+    eventfd wakes the event loop, which takes the whole queue in one call and starts each
+    Predict there and then (``PredictionServicer.start_predict``: validation, admission,
+    decoding, queueing); the batcher's future's done callback answers it (``finish_predict``).
+    No task per call: that saves the loop a task, its coroutine frames and a wake-up per
+    request. The grpc.aio front end runs the same two halves in ``predict_outcome``, and
+    GetModelMetadata the same ``metadata_outcome``, so validation, admission, batching, status
+    codes and metrics are the same code. Health is
     grpc++'s ``grpc.health.v1`` service (Check and Watch), set by ``set_serving``.
 
 Admission
@@ -34,7 +38,7 @@ Admission
 Cancellation
     A caller that cancels (or whose deadline passes) is seen by C++ (``AsyncNotifyWhenDone``):
     a queued call is dropped there, and for a call Python holds the next ``take`` returns its id,
-    whose task is cancelled, so the batcher drops the request as with grpc.aio.
+    whose batcher future is cancelled, so the batcher drops the request as with grpc.aio.
 
 Differences from the grpc.aio front end
     No server reflection (``grpcurl`` needs the proto file). Calls answered in C++ are counted
@@ -59,7 +63,7 @@ import grpc
 
 from adpredict.errors import StartupError
 from adpredict.serving.codec import lenient_parser, predict_parser
-from adpredict.serving.service import Outcome, PredictionServicer
+from adpredict.serving.service import Outcome, PendingPredict, PredictionServicer
 from adpredict.v1 import prediction_service_pb2 as pb
 
 __all__ = ["INTAKE_REFUSALS", "NativeFrontend", "SlaCap", "available", "unavailable_reason"]
@@ -203,7 +207,7 @@ class NativeFrontend:
         )
         self._address = address
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: dict[int, asyncio.Task[None]] = {}  # call id -> the task answering it
+        self._pending: dict[int, PendingPredict] = {}  # call id -> its Predict in the batcher
         self._reported: dict[str, int] = {}
         self._stats_task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -241,10 +245,10 @@ class NativeFrontend:
         finally:
             await stopping
             self._loop.remove_reader(self._intake.fileno())
-            for task in list(self._tasks.values()):
-                task.cancel()
-            if self._tasks:
-                await asyncio.wait(list(self._tasks.values()))
+            for pending in list(self._pending.values()):
+                pending.future.cancel()  # its done callback runs soon and ends the call
+            while self._pending:
+                await asyncio.sleep(0)
             if self._stats_task is not None:
                 self._stats_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -254,44 +258,52 @@ class NativeFrontend:
     # ---------------------------------------------------------------------------- internals
 
     def _on_ready(self) -> None:
-        loop = self._loop
-        assert loop is not None
         calls, cancelled = self._intake.take(_TAKE_AT_ONCE)
         for call_id, method, payload, received_at, deadline in calls:
-            task = loop.create_task(self._answer(call_id, method, payload, received_at, deadline))
-            self._tasks[call_id] = task
-            task.add_done_callback(functools.partial(self._forget, call_id))
-        for call_id in cancelled:  # the caller went away: stop working on its request
-            task = self._tasks.get(call_id)
-            if task is not None:
-                task.cancel()
-
-    def _forget(self, call_id: int, _: asyncio.Task[None]) -> None:
-        self._tasks.pop(call_id, None)
-
-    async def _answer(
-        self, call_id: int, method: int, payload: bytes, received_at: float, deadline: Any
-    ) -> None:
-        try:
             if method == _PREDICT:
-                budget = None if deadline is None else deadline - received_at
-                outcome = await self._servicer.predict_outcome(
-                    self._parse_predict(payload), budget_s=budget, started=received_at
-                )
+                self._start_predict(call_id, payload, received_at, deadline)
             else:
-                outcome = self._servicer.metadata_outcome(self._parse_metadata(payload))
-        except asyncio.CancelledError:  # its caller cancelled, or stop() gave up on it
-            with contextlib.suppress(ValueError):  # (after stop() the intake has let it go)
-                self._intake.finish(call_id, grpc.StatusCode.CANCELLED.value[0], "cancelled", b"")
-            raise
-        except Exception as exc:  # a bug here must still answer the call
-            logger.exception("native front end failed to answer a call")
-            outcome = Outcome(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", b"")
-        if self._cap is not None and method == _PREDICT and outcome.code is grpc.StatusCode.OK:
-            self._cap.observe(time.monotonic() - received_at)
-        code = outcome.code.value[0]
+                self._finish(call_id, self._metadata(payload))
+        for call_id in cancelled:  # the caller went away: stop working on its request
+            pending = self._pending.get(call_id)
+            if pending is not None:
+                pending.future.cancel()
+
+    def _start_predict(
+        self, call_id: int, payload: bytes, received_at: float, deadline: float | None
+    ) -> None:
+        budget = None if deadline is None else deadline - received_at
         try:
-            self._intake.finish(call_id, code, outcome.details, outcome.body)
+            request = self._parse_predict(payload)
+            started = self._servicer.start_predict(request, budget_s=budget, started=received_at)
+        except Exception as exc:  # a bug here must still answer the call
+            started = _internal(exc)
+        if isinstance(started, Outcome):
+            self._finish(call_id, started)
+            return
+        self._pending[call_id] = started
+        started.future.add_done_callback(functools.partial(self._answer, call_id, started))
+
+    def _answer(self, call_id: int, pending: PendingPredict, _: asyncio.Future[Any]) -> None:
+        """The batcher's future is done (or was cancelled): answer the call."""
+        self._pending.pop(call_id, None)
+        try:
+            outcome = self._servicer.finish_predict(pending)
+        except Exception as exc:
+            outcome = _internal(exc)
+        if self._cap is not None and outcome.code is grpc.StatusCode.OK:
+            self._cap.observe(time.monotonic() - pending.started)
+        self._finish(call_id, outcome)
+
+    def _metadata(self, payload: bytes) -> Outcome:
+        try:
+            return self._servicer.metadata_outcome(self._parse_metadata(payload))
+        except Exception as exc:
+            return _internal(exc)
+
+    def _finish(self, call_id: int, outcome: Outcome) -> None:
+        try:
+            self._intake.finish(call_id, outcome.code.value[0], outcome.details, outcome.body)
         except ValueError:  # the intake already gave up on the call (stopped after its grace)
             logger.debug("call %d was cancelled before its answer", call_id)
 
@@ -314,6 +326,11 @@ class NativeFrontend:
                 if delta > 0:
                     self._reported[key] = count
                     self._servicer.intake_refused(method, reason, delta)
+
+
+def _internal(exc: Exception) -> Outcome:
+    logger.error("native front end failed to answer a call", exc_info=exc)
+    return Outcome(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", b"")
 
 
 def _read(path: str) -> str:

@@ -21,12 +21,15 @@ One Predict call:
 Every error becomes a status in exactly one place, ``adpredict.serving.status``. The transport
 is not part of this: ``predict_outcome`` / ``metadata_outcome`` return the status and the
 response, and each front end sends them (``Predict`` / ``GetModelMetadata`` here for grpc.aio,
-``adpredict.serving.intake`` for the native one).
+``adpredict.serving.intake`` for the native one). ``predict_outcome`` is ``start_predict``
+(steps 1-3, at once), a wait for the batcher's future, and ``finish_predict`` (step 5): a front
+end that answers from the future's done callback needs no task per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -59,6 +62,7 @@ from adpredict.v1 import prediction_service_pb2_grpc as pb_grpc
 
 __all__ = [
     "Outcome",
+    "PendingPredict",
     "PredictionServicer",
     "ServiceObserver",
     "SliceResult",
@@ -96,6 +100,18 @@ class Outcome:
     code: grpc.StatusCode
     details: str
     body: bytes  # the serialized response message when code is OK, else b""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPredict:
+    """A Predict that ``start_predict`` admitted and queued: ``future`` is the batcher's (cancel
+    it to withdraw the request); ``finish_predict`` turns it into the call's Outcome."""
+
+    future: asyncio.Future[Completed[SliceResult]]
+    request_id: str
+    model: str
+    started: float
+    deadline: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +208,6 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self._clock: Clock = clock if clock is not None else MonotonicClock()
         self._observer = observer if observer is not None else ServiceObserver()
         self._batchers: dict[str, Batcher[ParsedRequest, SliceResult]] = {}
-        self._creating = asyncio.Lock()
         self._codecs: dict[int, tuple[Schema, RequestCodec]] = {}
         self._closing = False
         self._in_flight = 0  # Predict RPCs between arrival and answer
@@ -264,14 +279,12 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     async def start(self) -> None:
         """Create and start a batcher for every model the runtime serves now."""
         for name in self._runtime.names():
-            await self._batcher(name)
+            self._batcher(name)
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Refuse new requests, let the batchers answer what they hold (up to ``grace_s``)."""
         self._closing = True
-        async with self._creating:
-            batchers = list(self._batchers.values())
-        await asyncio.gather(*(b.close(grace_s) for b in batchers))
+        await asyncio.gather(*(b.close(grace_s) for b in list(self._batchers.values())))
 
     # ---------------------------------------------------------------------------------- RPCs
 
@@ -299,19 +312,31 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         requests then stay within the SLA and the rest are refused at once instead of queueing
         up to their deadline.
         """
-        self._in_flight += 1
+        pending = self.start_predict(request, budget_s=budget_s, started=started)
+        if isinstance(pending, Outcome):
+            return pending
         try:
-            return await self._predict(request, budget_s, started)
-        finally:
-            self._in_flight -= 1
+            with contextlib.suppress(Exception):  # finish_predict reads the future's error
+                await pending.future
+        except asyncio.CancelledError:  # the caller went away; the batcher drops the request
+            pending.future.cancel()
+            self._cancelled(pending)
+            raise
+        return self.finish_predict(pending)
 
-    async def _predict(
+    def start_predict(
         self,
         request: pb.PredictRequest | WireRequest | Undecodable,
+        *,
         budget_s: float | None,
-        started: float | None,
-    ) -> Outcome:
+        started: float | None = None,
+    ) -> Outcome | PendingPredict:
+        """The first half of ``predict_outcome`` (same arguments), done at once: validate,
+        admit, decode and queue. Returns the Outcome of a request that ends here (invalid,
+        refused), else its ``PendingPredict``: wait for its future (or cancel it to withdraw
+        the request), then ``finish_predict`` it exactly once. Never raises."""
         started = self._clock.now() if started is None else started
+        self._in_flight += 1
         self._notify(self._observer.request_started, "Predict")
         deadline = started + (self._sla_s if budget_s is None else budget_s)
         admit_by = min(deadline, started + self._sla_s) if self._admit_within_sla else deadline
@@ -320,7 +345,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             require_decoded(request)
             model = self._runtime.get(request.model)
             model_name = model.name
-            batcher = self._batchers.get(model_name) or await self._batcher(model_name)
+            batcher = self._batchers.get(model_name) or self._batcher(model_name)
             if 0 < request.num_candidates <= self._limits.max_candidates:
                 # Refuse before decoding (23% of a request's GIL time, py-spy) when the queue
                 # is full or the answer would come after the deadline or the SLA: under
@@ -328,30 +353,40 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 batcher.check(request.num_candidates, admit_by)
             parsed = self._codec(model.schema).decode(request, rows=model.has_rows)
             self._notify(self._observer.request_decoded, model_name, parsed.size, parsed.missing)
-            done: Completed[SliceResult] = await batcher.submit(parsed, parsed.size, deadline)
+            future = batcher.enqueue(parsed, parsed.size, deadline)
+        except Exception as exc:
+            return self._failed(exc, "Predict", model_name, started)
+        return PendingPredict(future, request.request_id, model_name, started, deadline)
+
+    def finish_predict(self, pending: PendingPredict) -> Outcome:
+        """The second half of ``predict_outcome``, once ``pending.future`` is done: the
+        answer, DEADLINE_EXCEEDED if it came after the deadline, the batcher's error as its
+        status, or CANCELLED if the future was cancelled; recorded. Never raises."""
+        future = pending.future
+        if future.cancelled():
+            return self._cancelled(pending)
+        try:
+            done = future.result()
             now = self._clock.now()
-            if now > deadline:
-                self._notify(self._observer.request_late, model_name)
+            if now > pending.deadline:
+                self._notify(self._observer.request_late, pending.model)
                 raise DeadlineError(
-                    f"answer ready {(now - deadline) * 1e3:.3f} ms after the deadline "
-                    f"(budget {(deadline - started) * 1e3:.3f} ms)"
+                    f"answer ready {(now - pending.deadline) * 1e3:.3f} ms after the deadline "
+                    f"(budget {(pending.deadline - pending.started) * 1e3:.3f} ms)"
                 )
             body = encode_predict_response(
-                request_id=request.request_id,
+                request_id=pending.request_id,
                 probabilities=done.result.probabilities,
-                model=model_name,
+                model=pending.model,
                 model_version=done.result.version,
                 queue_us=round(done.queue_s * 1e6),
                 compute_us=round(done.compute_s * 1e6),
                 batch_predictions=done.batch_predictions,
                 batch_requests=done.batch_requests,
             )
-        except asyncio.CancelledError:  # the caller went away; the batcher drops the request
-            self._done("Predict", model_name, grpc.StatusCode.CANCELLED, started)
-            raise
         except Exception as exc:
-            return self._failed(exc, "Predict", model_name, started)
-        self._done("Predict", model_name, grpc.StatusCode.OK, started)
+            return self._failed(exc, "Predict", pending.model, pending.started)
+        self._done("Predict", pending.model, grpc.StatusCode.OK, pending.started)
         return Outcome(grpc.StatusCode.OK, "", body)
 
     async def GetModelMetadata(
@@ -426,29 +461,29 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self._codecs[id(schema)] = (schema, codec)
         return codec
 
-    async def _batcher(self, name: str) -> Batcher[ParsedRequest, SliceResult]:
-        async with self._creating:
-            batcher = self._batchers.get(name)
-            if batcher is not None:
-                return batcher
-            if self._closing:
-                raise OverloadedError("the server is shutting down")
-            observer = None
-            try:
-                observer = self._observer.batch_observer(name)
-            except Exception:
-                logger.exception("ServiceObserver.batch_observer failed for model %r", name)
-            batcher = Batcher(
-                functools.partial(self._run_batch, name),
-                self._options,
-                clock=self._clock,
-                join=join_results,
-                observer=observer,
-                name=name,
-            )
-            await batcher.start()
-            self._batchers[name] = batcher
+    def _batcher(self, name: str) -> Batcher[ParsedRequest, SliceResult]:
+        """The batcher of model ``name``, created and started on first use (on the loop)."""
+        batcher = self._batchers.get(name)
+        if batcher is not None:
             return batcher
+        if self._closing:
+            raise OverloadedError("the server is shutting down")
+        observer = None
+        try:
+            observer = self._observer.batch_observer(name)
+        except Exception:
+            logger.exception("ServiceObserver.batch_observer failed for model %r", name)
+        batcher = Batcher(
+            functools.partial(self._run_batch, name),
+            self._options,
+            clock=self._clock,
+            join=join_results,
+            observer=observer,
+            name=name,
+        )
+        batcher.start()
+        self._batchers[name] = batcher
+        return batcher
 
     def _run_batch(self, name: str, slices: list[Slice[ParsedRequest]]) -> list[SliceResult]:
         """Compute thread: merge, predict with the model's current version, split."""
@@ -469,7 +504,14 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self._done(method, model, code, started)
         return Outcome(code, details, b"")
 
+    def _cancelled(self, pending: PendingPredict) -> Outcome:
+        self._done("Predict", pending.model, grpc.StatusCode.CANCELLED, pending.started)
+        return Outcome(grpc.StatusCode.CANCELLED, "the caller cancelled the call", b"")
+
     def _done(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
+        """Where every call ends, once: recorded (and a Predict no longer in flight)."""
+        if method == "Predict":
+            self._in_flight -= 1
         self._notify(self._observer.request_done, method, model, code, self._clock.now() - started)
 
     @staticmethod
