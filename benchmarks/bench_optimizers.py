@@ -15,7 +15,8 @@ the median of the per-pair costs, with the range and the load average beside it.
     python benchmarks/bench_optimizers.py [--rows 1000000] [--data DIR] [--quick]
         [--repeats 3] [--pipeline-only]
 
-Writes ``benchmarks/results/optimizers.json`` and ``optimizers.md`` (a markdown table).
+Writes ``benchmarks/results/optimizers.json`` and ``optimizers.md`` (a markdown table;
+``optimizers.quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -340,6 +341,8 @@ def main() -> int:
     results["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "pipeline" if args.pipeline_only else "optimizers"
+    if args.quick:  # a smoke run (make bench) must not replace the full run's results
+        stem += ".quick"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = render(results)
     (args.out / f"{stem}.md").write_text(table)
