@@ -38,8 +38,9 @@ Columns
                    bound, exact unless requests were split), marked with ``~``
     CPU-µs/pred    server process tree CPU (/proc/PID/stat) over the recorded window / OK
                    predictions
-    other CPU %    machine busy CPU (/proc/stat) minus server and load generator during the
-                   point, in % of one core; points above 10% are flagged (another job interfered)
+    other CPU %    machine busy CPU (/proc/stat) minus server and load generator (its open-loop
+                   spin before arrivals included) during the point, in % of one core; points
+                   above 10% are flagged (another job interfered)
 
 The K = 300 served predictions/s at the batching max rate are compared with the in-process
 ceiling from ``benchmarks/results/model_ceiling.json`` (bench_model.py; the ``.quick`` file if
@@ -198,7 +199,9 @@ class Bench:
         if self.server.proc.poll() is not None:
             raise RuntimeError(f"the {self.mode} server died during {label}; log {self.server.log}")
         row = make_row(self.mode, k, label, rate, concurrency, report)
-        client_cpu = own + sum(p["cpu_s"] or 0.0 for p in report["generator"]["per_proc"])
+        # The generator's open-loop spin before each arrival is its CPU too, not another job's.
+        per_proc = report["generator"]["per_proc"]
+        client_cpu = own + sum((p["cpu_s"] or 0.0) + (p.get("spin_s") or 0.0) for p in per_proc)
         server_cpu_total = _server_cpu_whole_point(report, wall)
         row["other_cpu_pct"] = 100 * (busy - server_cpu_total - client_cpu) / wall
         row["report"] = {k: v for k, v in report.items() if k != "timeline"}
