@@ -988,3 +988,24 @@ async def test_check_refuses_as_submit_would_without_queueing() -> None:
         await results(busy, queued)
     # Each refusal is reported once, as submit reports it.
     assert [reason for reason, _ in observer.rejected] == ["deadline", "queue_full"]
+
+
+@pytest.mark.asyncio
+async def test_enqueue_after_check_admits_once_and_answers_through_its_future() -> None:
+    model, clock, observer = FakeModel(), FakeClock(T0), RecordingObserver()
+    async with running(model, clock, observer, max_batch_size=8, max_wait_s=0.0) as batcher:
+        p = payload("checked", 4)
+        admitted_at = batcher.check(4, deadline=T0 + 1)
+        assert admitted_at == T0
+        clock.advance(0.0005)  # (decoding, say)
+        future = batcher.enqueue(p, 4, T0 + 1, admitted_at=admitted_at)
+        completed = await asyncio.wait_for(future, 5)
+        assert_answer(completed, p)
+        assert completed.queue_s == pytest.approx(0.0005)  # from the check, not the enqueue
+        # Withdrawn by cancelling its future before its batch closes: never computed.
+        withdrawn = batcher.enqueue(payload("withdrawn", 4), 4, T0 + 1)
+        withdrawn.cancel()
+        await asyncio.sleep(0.01)
+        assert batcher.in_flight_requests == 0 and batcher.queued_predictions == 0
+    assert model.names() == [["checked"]]
+    assert observer.rejected == [] and len(observer.cancelled) == 1

@@ -520,13 +520,22 @@ class Batcher(Generic[P, R]):
         return await self.enqueue(payload, size, deadline)
 
     def enqueue(
-        self, payload: P, size: int, deadline: float | None = None
+        self,
+        payload: P,
+        size: int,
+        deadline: float | None = None,
+        *,
+        admitted_at: float | None = None,
     ) -> asyncio.Future[Completed[R]]:
         """``submit`` without the coroutine: admits and queues now (raising what ``submit``
         raises at admission) and returns the future of the result, which fails as ``submit``
         would. Cancelling the future withdraws the request. For a caller that answers from a
-        done callback instead of a task per request (the native front end)."""
-        now = self._admit(size, deadline)
+        done callback instead of a task per request (the native front end).
+
+        ``admitted_at``: what ``check(size, …)`` returned for this request, when nothing ran
+        on the event loop since (so the queue is as ``check`` saw it): admission is not run a
+        second time, and the request counts as admitted then."""
+        now = self._admit(size, deadline) if admitted_at is None else admitted_at
         future: asyncio.Future[Completed[R]] = self._loop.create_future()
         request = _Request(payload, size, deadline, now, future)
         future.add_done_callback(lambda _: self._live.discard(request))
@@ -538,11 +547,12 @@ class Batcher(Generic[P, R]):
         self._wake.set()
         return future
 
-    def check(self, size: int, deadline: float | None = None) -> None:
+    def check(self, size: int, deadline: float | None = None) -> float:
         """Raise what ``submit(…, size, deadline)`` would raise at admission, now, without
         queueing anything: lets a caller refuse a request before doing work for it (decoding).
-        A refusal is reported to the observer, as ``submit`` would report it."""
-        self._admit(size, deadline)
+        A refusal is reported to the observer, as ``submit`` would report it. Returns the
+        clock's now, for ``enqueue(…, admitted_at=)``."""
+        return self._admit(size, deadline)
 
     def _admit(self, size: int, deadline: float | None) -> float:
         """Admission: the checks ``submit`` documents; returns the clock's ``now``."""

@@ -10,8 +10,8 @@ One Predict call:
    refused before it is decoded, so refusals stay cheap under overload; then it is validated
    and decoded by that model's ``RequestCodec``: a bad request is answered INVALID_ARGUMENT here
    and never reaches a batch;
-3. it is submitted to the batcher (one per model name), which may still refuse it (same
-   checks), merge it with concurrent requests, or split it;
+3. it is queued in that batcher (one per model name; admitted by the check before decoding),
+   which merges it with concurrent requests, or splits it;
 4. in a compute thread, ``run_batch`` merges the batch's slices into one feed, asks the runtime
    for the model's CURRENT version (so a hot swap takes effect at the next batch), predicts, and
    splits the probabilities back; each slice's result records the version that computed it;
@@ -346,14 +346,16 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             model = self._runtime.get(request.model)
             model_name = model.name
             batcher = self._batchers.get(model_name) or self._batcher(model_name)
+            admitted_at = None
             if 0 < request.num_candidates <= self._limits.max_candidates:
                 # Refuse before decoding (23% of a request's GIL time, py-spy) when the queue
                 # is full or the answer would come after the deadline or the SLA: under
                 # overload, refusals must stay cheap.
-                batcher.check(request.num_candidates, admit_by)
+                admitted_at = batcher.check(request.num_candidates, admit_by)
             parsed = self._codec(model.schema).decode(request, rows=model.has_rows)
             self._notify(self._observer.request_decoded, model_name, parsed.size, parsed.missing)
-            future = batcher.enqueue(parsed, parsed.size, deadline)
+            # Nothing ran on the loop since check(): it need not admit the request again.
+            future = batcher.enqueue(parsed, parsed.size, deadline, admitted_at=admitted_at)
         except Exception as exc:
             return self._failed(exc, "Predict", model_name, started)
         return PendingPredict(future, request.request_id, model_name, started, deadline)
