@@ -62,6 +62,7 @@ from typing import Any
 import grpc
 
 from adpredict.errors import StartupError
+from adpredict.serving import status
 from adpredict.serving.codec import lenient_parser, predict_parser
 from adpredict.serving.service import Outcome, PendingPredict, PredictionServicer
 from adpredict.v1 import prediction_service_pb2 as pb
@@ -329,8 +330,9 @@ class NativeFrontend:
 
 
 def _internal(exc: Exception) -> Outcome:
-    logger.error("native front end failed to answer a call", exc_info=exc)
-    return Outcome(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", b"")
+    """A bug in this module or the servicer: still an answer, its status from ``status``."""
+    code, details = status.status_for(exc)  # (logs the traceback of an unexpected error)
+    return Outcome(code, details, b"")
 
 
 def _read(path: str) -> str:

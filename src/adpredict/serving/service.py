@@ -345,7 +345,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             require_decoded(request)
             model = self._runtime.get(request.model)
             model_name = model.name
-            batcher = self._batchers.get(model_name) or self._batcher(model_name)
+            batcher = self._batcher(model_name)
             admitted_at = None
             if 0 < request.num_candidates <= self._limits.max_candidates:
                 # Refuse before decoding (23% of a request's GIL time, py-spy) when the queue
