@@ -17,8 +17,9 @@ How
     Predict there and then (``PredictionServicer.start_predict``: validation, admission,
     decoding, queueing); the batcher's future's done callback answers it (``finish_predict``).
     No task per call: that saves the loop a task and its coroutine frames per request
-    (measured: +0–4.7% served at K = 300, nothing at K = 32; docs/BENCHMARKS.md). The grpc.aio front end runs the same two halves in ``predict_outcome``, and
-    GetModelMetadata the same ``metadata_outcome``, so validation, admission, batching, status
+    (measured: 0 to 4.7% more served at K = 300, nothing at K = 32; docs/BENCHMARKS.md). The
+    grpc.aio front end runs the same two halves in ``predict_outcome``, and GetModelMetadata
+    the same ``metadata_outcome``, so validation, admission, batching, status
     codes and metrics are the same code. Health is
     grpc++'s ``grpc.health.v1`` service (Check and Watch), set by ``set_serving``.
 
