@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class Counting(ServiceObserver):
     def __init__(self) -> None:
         self.done: list[grpc.StatusCode] = []
         self.refused: dict[tuple[str, str], int] = {}
+        self.refusal_times: list[float] = []
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
         self.done.append(code)
@@ -71,6 +72,9 @@ class Counting(ServiceObserver):
     def intake_refused(self, method: str, reason: str, count: int) -> None:
         key = (method, reason)
         self.refused[key] = self.refused.get(key, 0) + count
+
+    def intake_refusal_times(self, method: str, seconds: Sequence[float]) -> None:
+        self.refusal_times.extend(seconds)
 
 
 class SlowRuntime:
@@ -249,6 +253,8 @@ async def test_calls_beyond_max_pending_are_refused_in_cpp_and_counted(
     # stop() passes the last counts on: every refusal made in C++ is counted, none twice.
     refused_in_cpp = observer.refused.get(("Predict", "refused_overloaded"), 0)
     assert refused_in_cpp >= refused + 1
+    assert len(observer.refusal_times) == refused_in_cpp  # each timed, from arrival to answer
+    assert all(0 <= s < RPC_TIMEOUT_S for s in observer.refusal_times)
     assert grpc.StatusCode.RESOURCE_EXHAUSTED not in observer.done  # never reached Python
 
 
@@ -327,7 +333,45 @@ async def test_calls_whose_budget_is_shorter_than_the_queue_delay_are_refused_in
         assert len((await stub.Predict(message(2), timeout=0.2)).probabilities) == 2
     refused = observer.refused.get(("Predict", "refused_queue_delay"), 0)
     assert refused == (2 if within_sla else 1)
+    assert len(observer.refusal_times) == refused
+    assert 0 <= observer.refusal_times[0] < 0.2  # answered before the caller's deadline
     assert grpc.StatusCode.DEADLINE_EXCEEDED not in observer.done  # never reached Python
+
+
+async def test_a_refusal_does_not_wait_for_the_request_message(runtime: ModelRuntime) -> None:
+    """Admission is judged when a call arrives: a call the queue's delay rules out is refused
+    before its message comes in (here it never does: the client holds it back)."""
+    slow = SlowRuntime(runtime, 0.0)
+    async with (
+        Native(slow) as native,
+        grpc.aio.insecure_channel(native.target) as ch,
+    ):
+        stub = pb_grpc.PredictionServiceStub(ch)
+        await stub.Predict(message(2), timeout=RPC_TIMEOUT_S)  # connected, cost learned
+        slow.delay_s = 0.6
+        held = asyncio.ensure_future(stub.Predict(message(2), timeout=RPC_TIMEOUT_S))
+        while native.frontend.stats()["queue_delay_s"] < 0.3:
+            await asyncio.sleep(0.01)
+        release = asyncio.Event()
+
+        async def held_back() -> AsyncIterator[bytes]:
+            await release.wait()  # the message is sent only after the answer, if ever
+            yield message(2).SerializeToString()
+
+        predict = ch.stream_unary(
+            f"/{intake.SERVICE_NAME}/Predict",
+            request_serializer=None,
+            response_deserializer=pb.PredictResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            # 200 ms < 300 ms already waited; without the message, only the server can answer
+            # "overloaded" (the client's own deadline says "Deadline Exceeded").
+            await predict(held_back(), timeout=0.2)
+        release.set()
+        assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert refused.value.details().startswith("server overloaded: requests are waiting")
+        assert len((await held).probabilities) == 2
+        assert native.frontend.stats()["refused_queue_delay"][0] == 1
 
 
 async def test_stop_answers_taken_calls_then_refuses(runtime: ModelRuntime) -> None:

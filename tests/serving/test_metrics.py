@@ -112,6 +112,35 @@ def test_batches_timeouts_and_refusals(metrics: tuple[ServingMetrics, CollectorR
     assert value(reg, "adpredict_cancellations_total", model="ctr") == 1
 
 
+def test_calls_the_native_intake_answered_are_counted_and_timed(
+    metrics: tuple[ServingMetrics, CollectorRegistry],
+) -> None:
+    m, reg = metrics
+    obs = m.observer
+    obs.intake_refused("Predict", "refused_queue_delay", 3)
+    obs.intake_refused("Predict", "refused_overloaded", 2)
+    obs.intake_refused("Predict", "expired_before_pickup", 1)
+    obs.intake_refused("GetModelMetadata", "refused_shutting_down", 1)
+    obs.intake_refusal_times("Predict", [0.0004, 0.0015, 0.0015, 0.003, 0.009, 0.030])
+    obs.intake_refusal_times("GetModelMetadata", [0.0002])
+
+    def requests(code: str, method: str = "Predict") -> float:
+        return value(reg, "adpredict_requests_total", method=method, model="", code=code)
+
+    assert requests("DEADLINE_EXCEEDED") == 4
+    assert requests("RESOURCE_EXHAUSTED") == 2
+    assert requests("UNAVAILABLE", "GetModelMetadata") == 1
+    assert value(reg, "adpredict_timeouts_total", model="", stage="rejected_in_intake") == 3
+    assert value(reg, "adpredict_timeouts_total", model="", stage="expired_in_intake") == 1
+    assert value(reg, "adpredict_rejections_total", model="", reason="intake_full") == 2
+    # Their durations are in every RPC's histogram, under model="" like their counts.
+    duration = "adpredict_request_duration_seconds"
+    assert value(reg, f"{duration}_count", method="Predict", model="") == 6
+    assert value(reg, f"{duration}_bucket", method="Predict", model="", le="0.002") == 3
+    assert value(reg, f"{duration}_sum", method="Predict", model="") == pytest.approx(0.0454)
+    assert value(reg, f"{duration}_count", method="GetModelMetadata", model="") == 1
+
+
 def test_runtime_events_and_sampled_levels(
     metrics: tuple[ServingMetrics, CollectorRegistry],
 ) -> None:

@@ -13,9 +13,11 @@
 //   * deadline already passed when Python would pick it up      -> DEADLINE_EXCEEDED
 //   * a judged method (Predict) whose budget is shorter than the queue's present delay
 //                                                               -> DEADLINE_EXCEEDED
-// The rest wait in a FIFO. An eventfd becomes readable when the FIFO becomes non-empty; the
-// Python event loop watches it and takes everything queued in one call (take), so the loop
-// wakes once per burst, not once per RPC. Python answers each call exactly once (finish).
+// Each rule but the deadline's is applied when the call arrives, before its message is read
+// (a refusal costs no read), and again once it is read. The rest wait in a FIFO. An eventfd
+// becomes readable when the FIFO becomes non-empty; the Python event loop watches it and takes
+// everything queued in one call (take), so the loop wakes once per burst, not once per RPC.
+// Python answers each call exactly once (finish).
 // Health (grpc.health.v1) is grpc++'s default health service; Python sets its status.
 //
 // Queue-delay admission (set_admission): the age of the oldest call pending (queued here or
@@ -35,6 +37,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -53,9 +56,11 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -206,6 +211,7 @@ class Intake {
     SetServing(false);
     RequestNext();
     thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "adp-intake");  // for top -H, perf, py-spy
       short_slice_ = PreferPromptWakeups();
       Poll();
     });
@@ -251,10 +257,12 @@ class Intake {
         queue_.pop_front();
         if (call->deadline <= now) {  // (grpc also ends such a call: done may be set)
           expired.push_back(call);
+          TimeAnswerLocked(call, now);
           continue;
         }
         if (call->done) {  // its caller cancelled it while it waited
           cancelled.push_back(call);
+          TimeAnswerLocked(call, now);
           continue;
         }
         call->state = Call::State::kWithPython;
@@ -358,6 +366,21 @@ class Intake {
     with_python_.clear();
   }
 
+  // Seconds from arrival to answer of every call the intake refused itself (the reasons of
+  // Stats) since the last take, as one list per method index.
+  py::list TakeTimings() {
+    std::vector<std::pair<int, float>> timings;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      timings.swap(timings_);
+    }
+    std::vector<py::list> per(methods_.size());
+    for (const auto& [method, seconds] : timings) per[method].append(seconds);
+    py::list out;
+    for (auto& l : per) out.append(l);
+    return out;
+  }
+
   py::dict Stats() {
     py::dict d;
     d["received"] = counters_.received.load();
@@ -369,6 +392,7 @@ class Intake {
     d["cancelled_before_pickup"] = per_method(counters_.cancelled_before_pickup, n);
     d["refused_queue_delay"] = per_method(counters_.refused_queue_delay, n);
     d["read_failed"] = counters_.read_failed.load();
+    d["timings_dropped"] = timings_dropped_.load();
     d["short_slice"] = short_slice_.load();
     std::lock_guard<std::mutex> lock(mu_);
     d["queued"] = queue_.size();
@@ -466,9 +490,17 @@ class Intake {
                                           "unknown method " + method));
       return;
     }
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     if (closed_) {
       ReleaseLocked(call);
+      return;
+    }
+    // Judged before the message is read: a refusal then costs no read and no second pass
+    // through the completion queue, which under overload waits for this thread's turn on a
+    // busy core. (Judged again once read: the queue may have grown meanwhile.)
+    if (std::optional<grpc::Status> refusal = RefusalLocked(call)) {
+      lock.unlock();
+      FinishWithStatus(call, *refusal);
       return;
     }
     call->state = Call::State::kReading;
@@ -477,22 +509,35 @@ class Intake {
 
   void OnRequest(Call* call) {
     std::unique_lock<std::mutex> lock(mu_);
-    if (stopping_) {
+    if (std::optional<grpc::Status> refusal = RefusalLocked(call)) {
       lock.unlock();
-      counters_.refused_shutting_down[call->method]++;
-      FinishWithStatus(call,
-                       grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+      FinishWithStatus(call, *refusal);
       return;
+    }
+    call->id = ++next_id_;
+    call->state = Call::State::kQueued;
+    const bool was_idle = queue_.empty() && cancelled_ids_.empty();
+    queue_.push_back(call);
+    if (was_idle) Signal();
+  }
+
+  // Whether the intake refuses `call` now, and with what status (counted): shutting down,
+  // too many calls pending, or (a judged method under admission) a budget shorter than the
+  // queue's present delay. With mu_ held.
+  std::optional<grpc::Status> RefusalLocked(Call* call) {
+    if (stopping_) {
+      counters_.refused_shutting_down[call->method]++;
+      TimeAnswerLocked(call, monotonic_now());
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
     }
     const size_t pending = queue_.size() + with_python_.size();
     if (pending >= static_cast<size_t>(max_pending_)) {
-      lock.unlock();
       counters_.refused_overloaded[call->method]++;
-      FinishWithStatus(call, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                          "server overloaded: " + std::to_string(pending) +
-                                              " requests already pending (max_pending " +
-                                              std::to_string(max_pending_) + ")"));
-      return;
+      TimeAnswerLocked(call, monotonic_now());
+      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          "server overloaded: " + std::to_string(pending) +
+                              " requests already pending (max_pending " +
+                              std::to_string(max_pending_) + ")");
     }
     // (An idle intake refuses nothing: whether a lone call can make it is the batcher's call.)
     if (sla_s_ > 0 && judged_[call->method] && pending > 0) {
@@ -501,19 +546,23 @@ class Intake {
       double admit_by = std::isinf(call->deadline) ? call->received_at + sla_s_ : call->deadline;
       admit_by = std::min(admit_by, call->received_at + cap_s_);
       if (now + delay + margin_s_ > admit_by) {
-        const double margin_s = margin_s_;
-        lock.unlock();
         counters_.refused_queue_delay[call->method]++;
-        FinishWithStatus(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                            QueueDelayDetails(delay, margin_s, admit_by - now)));
-        return;
+        TimeAnswerLocked(call, now);
+        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                            QueueDelayDetails(delay, margin_s_, admit_by - now));
       }
     }
-    call->id = ++next_id_;
-    call->state = Call::State::kQueued;
-    const bool was_idle = queue_.empty() && cancelled_ids_.empty();
-    queue_.push_back(call);
-    if (was_idle) Signal();
+    return std::nullopt;
+  }
+
+  // Notes how long `call` took to be answered here (arrival to answer), for TakeTimings. At
+  // most kMaxTimings are kept between takes; more are counted as dropped. With mu_ held.
+  void TimeAnswerLocked(const Call* call, double now) {
+    if (timings_.size() >= kMaxTimings) {
+      timings_dropped_++;
+      return;
+    }
+    timings_.emplace_back(call->method, static_cast<float>(now - call->received_at));
   }
 
   // How long the oldest pending call has waited (0 if none). Ids grow with arrival, so it is
@@ -599,6 +648,9 @@ class Intake {
   double margin_s_ = 0.0;
   std::array<bool, kMaxMethods> judged_{};  // methods under queue-delay admission
   Counters counters_;
+  static constexpr size_t kMaxTimings = 1 << 17;
+  std::vector<std::pair<int, float>> timings_;  // (method, seconds): see TimeAnswerLocked
+  std::atomic<uint64_t> timings_dropped_{0};
 };
 
 }  // namespace
@@ -622,5 +674,6 @@ PYBIND11_MODULE(_intake, m) {
       .def("finish", &Intake::Finish, py::arg("call_id"), py::arg("code"), py::arg("details"),
            py::arg("payload"))
       .def("stop", &Intake::Stop, py::arg("grace_s"), py::call_guard<py::gil_scoped_release>())
-      .def("stats", &Intake::Stats);
+      .def("stats", &Intake::Stats)
+      .def("take_timings", &Intake::TakeTimings);
 }

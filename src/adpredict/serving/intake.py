@@ -43,7 +43,9 @@ Cancellation
 
 Differences from the grpc.aio front end
     No server reflection (``grpcurl`` needs the proto file). Calls answered in C++ are counted
-    through ``ServiceObserver.intake_refused``.
+    through ``ServiceObserver.intake_refused``, and how long each took, from its arrival to
+    the refusal, through ``ServiceObserver.intake_refusal_times`` (so they are in every RPC's
+    duration histogram, with ``model=""``).
 """
 
 from __future__ import annotations
@@ -328,6 +330,9 @@ class NativeFrontend:
                 if delta > 0:
                     self._reported[key] = count
                     self._servicer.intake_refused(method, reason, delta)
+        for method, seconds in zip(_METHOD_NAMES, self._intake.take_timings(), strict=True):
+            if seconds:
+                self._servicer.intake_refusal_times(method, seconds)
 
 
 def _internal(exc: Exception) -> Outcome:

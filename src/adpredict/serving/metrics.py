@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -396,6 +396,12 @@ class _ServiceMetrics(ServiceObserver):
             self._child(self._m.timeouts, "", kind).inc(count)
         else:
             self._child(self._m.rejections, "", kind).inc(count)
+
+    def intake_refusal_times(self, method: str, seconds: Sequence[float]) -> None:
+        # Every RPC's duration, these too (model="", as their count in intake_refused).
+        duration = self._child(self._m.request_duration, method, "")
+        for s in seconds:
+            duration.observe(s)
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
         self._child(self._m.requests, method, model, code.name).inc()

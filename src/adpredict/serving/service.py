@@ -34,7 +34,7 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -161,6 +161,12 @@ class ServiceObserver:
         the call was queued), ``refused_shutting_down`` (UNAVAILABLE) or
         ``refused_queue_delay`` (DEADLINE_EXCEEDED: the queue's present delay exceeded the
         call's budget at arrival)."""
+        return None
+
+    def intake_refusal_times(self, method: str, seconds: Sequence[float]) -> None:
+        """How long the native intake took to answer calls it ``intake_refused``: seconds
+        from each call's arrival to its answer (at most 131,072 per report; the intake counts
+        what it had to drop in ``stats()['timings_dropped']``)."""
         return None
 
     def request_done(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
@@ -499,6 +505,10 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def intake_refused(self, method: str, reason: str, count: int) -> None:
         """Record calls a front end answered without the servicer (``ServiceObserver``)."""
         self._notify(self._observer.intake_refused, method, reason, count)
+
+    def intake_refusal_times(self, method: str, seconds: Sequence[float]) -> None:
+        """Record how long a front end took to answer those calls (``ServiceObserver``)."""
+        self._notify(self._observer.intake_refusal_times, method, seconds)
 
     def _failed(self, exc: Exception, method: str, model: str, started: float) -> Outcome:
         """The outcome for ``exc`` (its status from ``status.status_for``), recorded."""
