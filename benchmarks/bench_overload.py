@@ -36,8 +36,11 @@ Reported, for the overload phase (requests by their scheduled send time)
     * admitted requests: latency of OK answers (p50/p99/max) against the SLA and the deadline;
     * refusals: latency of RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED answers as the client saw
       them (p50/p99/max, and the share answered within 2 ms), from the scheduled send and from
-      the actual send (the generator's lag taken out: the server's part); the server's split of
-      DEADLINE_EXCEEDED into refused at admission / expired in the queue / late after compute;
+      the actual send (the generator's lag taken out); the same by the server's clock
+      (``adpredict_request_duration_seconds`` of Predict, ``model=""``: the native intake's
+      refusals, from its receipt of a call to the refusal), so the client's share shows; the
+      server's split of DEADLINE_EXCEEDED into refused at admission / expired in the queue /
+      late after compute;
     * goodput: OK answers/s during the overload / the max rate (target >= 90%);
     * memory: server RSS when the overload starts, its peak until the end, and after the run;
     * recovery: after the drop to 50%, the p99 (failures as misses) of every ``--window-ms``
@@ -402,6 +405,65 @@ def refusal_figures(part: Samples) -> dict[str, Any]:
     return out
 
 
+def histogram_delta(
+    before: loadtest.Scrape | None, after: loadtest.Scrape | None, name: str, **labels: str
+) -> list[tuple[float, float]]:
+    """(le, cumulative count) of histogram ``name``'s samples matching ``labels`` between two
+    scrapes, summed over other labels, by ascending ``le`` ([] without both scrapes)."""
+    if before is None or after is None:
+        return []
+
+    def buckets(scrape: loadtest.Scrape) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for (n, ls), v in scrape.items():
+            d = dict(ls)
+            if n == f"{name}_bucket" and all(d.get(k) == w for k, w in labels.items()):
+                le = float(d["le"])
+                out[le] = out.get(le, 0.0) + v
+        return out
+
+    a, b = buckets(after), buckets(before)
+    return [(le, a[le] - b.get(le, 0.0)) for le in sorted(a)]
+
+
+def bucket_quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
+    """Prometheus's ``histogram_quantile``: linear within the bucket holding rank q * count (the
+    first bucket from 0; in the +Inf bucket, the highest finite bound). None if empty."""
+    if not cumulative or cumulative[-1][1] <= 0:
+        return None
+    rank = q * cumulative[-1][1]
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in cumulative:
+        if count >= rank:
+            if math.isinf(le):
+                return lower_le
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
+            return lower_le + (le - lower_le) * share
+        lower_le, lower_count = le, count
+    return lower_le
+
+
+def server_refusal_figures(
+    before: loadtest.Scrape | None, after: loadtest.Scrape | None
+) -> dict[str, Any]:
+    """How fast the server refused, by its own clock: ``adpredict_request_duration_seconds``
+    of Predict with ``model=""`` (the calls the native intake refused itself, from its receipt
+    of each call to the refusal; with grpcio front ends, requests for no model): count, p50 /
+    p99 (bucket-interpolated) and the share within 2 ms (exact: a bucket bound)."""
+    cum = histogram_delta(
+        before, after, "adpredict_request_duration_seconds", method="Predict", model=""
+    )
+    total = cum[-1][1] if cum else 0.0
+    within = next((c for le, c in cum if le == FAST_REFUSAL_MS / 1e3), None)
+    p50, p99 = bucket_quantile(0.5, cum), bucket_quantile(0.99, cum)
+    return {
+        "count": int(total),
+        "p50_ms": None if p50 is None else p50 * 1e3,
+        "p99_ms": None if p99 is None else p99 * 1e3,
+        "share_within_2ms": within / total if total and within is not None else None,
+    }
+
+
 def recovery(
     part: Samples, start_s: float, window_s: float, sla_ms: float, stable: int
 ) -> dict[str, Any]:
@@ -448,9 +510,8 @@ def analyze(
     ok_lat = over.latency_s[over.code == OK] * 1e3
     # Server-side figures over the overload phase, from the scrapes nearest its edges.
     over_t0, over_t1 = t0 + warm + before_s, t0 + warm + before_s + over_s
-    srv = loadtest.server_figures(
-        sampler.scrape_near(over_t0, after=True), sampler.scrape_near(over_t1, after=False), model
-    )
+    edges = sampler.scrape_near(over_t0, after=True), sampler.scrape_near(over_t1, after=False)
+    srv = loadtest.server_figures(*edges, model)
     in_over = [s for at, s in sampler.scrapes if over_t0 <= at <= over_t1]
     before = sampler.rss_between(-math.inf, over_t0)
     rss_start = before[-1] if before else (sampler.rss[0][1] if sampler.rss else None)
@@ -474,6 +535,7 @@ def analyze(
             "goodput_fraction": ov["ok_rps"] / max_rate,
             "ok_predictions_per_s": ov["predictions_per_s"],
             "refusals": refusal_figures(over),
+            "refusals_server_side": server_refusal_figures(*edges),
             "send_lag_ms": ov["send_lag_ms"],
             "server": {
                 k: srv.get(k)
@@ -637,6 +699,18 @@ def report_md(result: dict[str, Any]) -> str:
             f"{fmt(r['from_send_p99_ms'])} | {fmt(r['from_send_max_ms'])} | "
             f"{fmt(r['from_send_share_within_2ms'], '.1%')} |"
         )
+    ss = ov.get("refusals_server_side") or {}
+    if ss.get("count"):
+        lines += [
+            "",
+            f"The same refusals by the server's clock (adpredict_request_duration_seconds, "
+            f'Predict, model="": from the intake\'s receipt of a call to its refusal; the '
+            f"scrapes nearest the phase edges): {ss['count']:,} refusals, p50 "
+            f"{fmt(ss['p50_ms'])} ms, p99 {fmt(ss['p99_ms'])} ms (bucket-interpolated), "
+            f"{fmt(ss['share_within_2ms'], '.1%')} within 2 ms. What the client saw beyond "
+            "this is loopback, gRPC's receive path on both sides and the generator's delay "
+            "in reading the answer.",
+        ]
     srv = ov["server"]
     rss = a["rss_bytes"]
     mib = lambda b: "-" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731
