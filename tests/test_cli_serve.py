@@ -136,6 +136,11 @@ def test_serve_flag_defaults_are_the_server_options_defaults() -> None:
         (["--workers", "2", "--port", "0"], "--workers 2 needs an explicit --port"),
         (["--queue-limit", "10"], "queue_limit (10) must be >= max_candidates (1024)"),
         (["--port", "5000", "--metrics-port", "5000"], "metrics_port and port are both 5000"),
+        (["--io-priority", "5"], "io_priority 5 needs frontend 'native'"),
+        (
+            ["--frontend", "native", "--io-priority", "100"],
+            "io_priority must be in [0, 99], got 100",
+        ),
     ],
 )
 def test_conflicting_options_fail_before_starting(

@@ -269,6 +269,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         frontend=args.frontend,
+        io_priority=args.io_priority,
         admit_within_sla=args.admit_within_sla,
         tls_cert=args.tls_cert or "",
         tls_key=args.tls_key or "",
@@ -422,6 +423,14 @@ def _add_serve_parsers(sub: Any) -> None:
         default="grpcio",
         help="who receives RPCs: grpcio (grpc.aio on the event loop; default) or native (the "
         "C++ intake: far cheaper per RPC, refuses overload before Python; no reflection)",
+    )
+    p.add_argument(
+        "--io-priority",
+        type=_count(0),
+        default=0,
+        help="with --frontend native: run gRPC's and the intake's threads at this SCHED_RR "
+        "priority (1-99), so calls are read and refusals sent before TensorFlow resumes on a "
+        "busy core; needs CAP_SYS_NICE (root, or docker --cap-add SYS_NICE); default 0 = off",
     )
     p.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")

@@ -114,6 +114,7 @@ class Native:
         max_pending: int = 10_000,
         sla_s: float = 5.0,
         admit_within_sla: bool = False,
+        io_priority: int = 0,
     ) -> None:
         self.servicer = PredictionServicer(
             runtime,
@@ -124,7 +125,11 @@ class Native:
             observer=observer,
         )
         self.frontend = intake.NativeFrontend(
-            self.servicer, address="127.0.0.1:0", max_pending=max_pending, max_message_bytes=1 << 20
+            self.servicer,
+            address="127.0.0.1:0",
+            max_pending=max_pending,
+            max_message_bytes=1 << 20,
+            io_priority=io_priority,
         )
         self.target = ""
 
@@ -372,6 +377,46 @@ async def test_a_refusal_does_not_wait_for_the_request_message(runtime: ModelRun
         assert refused.value.details().startswith("server overloaded: requests are waiting")
         assert len((await held).probabilities) == 2
         assert native.frontend.stats()["refused_queue_delay"][0] == 1
+
+
+def _threads_by_policy() -> dict[str, list[str]]:
+    """This process's thread names by scheduling policy name."""
+    names = {os.SCHED_OTHER: "OTHER", os.SCHED_RR: "RR", os.SCHED_FIFO: "FIFO"}
+    out: dict[str, list[str]] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            policy = names.get(os.sched_getscheduler(int(tid)), "other policy")
+        except OSError:  # the thread ended meanwhile
+            continue
+        out.setdefault(policy, []).append(comm)
+    return out
+
+
+async def test_io_priority_puts_the_intake_and_its_grpc_threads_first(
+    runtime: ModelRuntime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the kernel allows it (CAP_SYS_NICE), grpc++'s threads and the intake's run at
+    SCHED_RR and nothing else does (the thread that started them is restored); where it does
+    not, a warning says so and the server serves as usual."""
+    before = set(_threads_by_policy().get("RR", []))
+    async with (
+        Native(runtime, io_priority=5) as native,
+        grpc.aio.insecure_channel(native.target) as ch,
+    ):
+        stub = pb_grpc.PredictionServiceStub(ch)
+        assert len((await stub.Predict(message(3), timeout=RPC_TIMEOUT_S)).probabilities) == 3
+        granted = native.frontend.stats()["io_realtime"]
+        rr = _threads_by_policy().get("RR", [])
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the event loop's thread
+    if granted:
+        assert "adp-intake" in rr
+        assert len(rr) - len(before) >= 2, rr  # the intake's and at least one of grpc++'s
+        assert "MainThread" not in rr and "python" not in rr, rr  # no Python thread
+    else:
+        assert "kernel refused SCHED_RR" in caplog.text
+    with pytest.raises(ValueError, match="io_priority must be between 0 and 99"):
+        Native(runtime, io_priority=100)
 
 
 async def test_stop_answers_taken_calls_then_refuses(runtime: ModelRuntime) -> None:

@@ -38,6 +38,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -150,7 +151,7 @@ class Intake {
   Intake(std::string address, std::vector<std::string> methods, int max_pending,
          int max_message_bytes, bool reuse_port, std::string tls_cert, std::string tls_key,
          std::string tls_client_ca, std::vector<std::string> health_services,
-         std::vector<int> judged_methods)
+         std::vector<int> judged_methods, int io_priority)
       : address_(std::move(address)),
         methods_(std::move(methods)),
         max_pending_(max_pending),
@@ -159,7 +160,11 @@ class Intake {
         tls_cert_(std::move(tls_cert)),
         tls_key_(std::move(tls_key)),
         tls_client_ca_(std::move(tls_client_ca)),
-        health_services_(std::move(health_services)) {
+        health_services_(std::move(health_services)),
+        io_priority_(io_priority) {
+    if (io_priority_ < 0 || io_priority_ > sched_get_priority_max(SCHED_RR))
+      throw std::invalid_argument("io_priority must be between 0 and " +
+                                  std::to_string(sched_get_priority_max(SCHED_RR)));
     if (max_pending_ < 1) throw std::invalid_argument("max_pending must be >= 1");
     if (methods_.empty() || methods_.size() > kMaxMethods)
       throw std::invalid_argument("between 1 and 8 methods");
@@ -181,8 +186,28 @@ class Intake {
   }
 
   // Binds and starts serving; returns the bound port. Health starts NOT_SERVING.
+  // With io_priority > 0 the calling thread runs at SCHED_RR io_priority while grpc++ starts
+  // and this intake's thread is created, so that they (and the threads they start later)
+  // inherit it: on a core shared with TensorFlow an arriving call is then read, judged and
+  // answered before compute resumes. Needs CAP_SYS_NICE; without it nothing changes (see
+  // Stats' io_realtime). The caller's own policy is restored.
   int Start() {
     if (server_) throw std::runtime_error("intake already started");
+    int old_policy = SCHED_OTHER;
+    sched_param old_param{};
+    if (io_priority_ > 0 && pthread_getschedparam(pthread_self(), &old_policy, &old_param) == 0) {
+      sched_param rt{};
+      rt.sched_priority = io_priority_;
+      io_realtime_ = pthread_setschedparam(pthread_self(), SCHED_RR, &rt) == 0;
+    }
+    struct Restore {
+      Intake* self;
+      int policy;
+      sched_param param;
+      ~Restore() {
+        if (self->io_realtime_) pthread_setschedparam(pthread_self(), policy, &param);
+      }
+    } restore{this, old_policy, old_param};
     grpc::EnableDefaultHealthCheckService(true);
     grpc::ServerBuilder builder;
     std::shared_ptr<grpc::ServerCredentials> creds;
@@ -212,7 +237,7 @@ class Intake {
     RequestNext();
     thread_ = std::thread([this] {
       pthread_setname_np(pthread_self(), "adp-intake");  // for top -H, perf, py-spy
-      short_slice_ = PreferPromptWakeups();
+      if (!io_realtime_) short_slice_ = PreferPromptWakeups();  // (it would undo SCHED_RR)
       Poll();
     });
     return port_;
@@ -394,6 +419,7 @@ class Intake {
     d["read_failed"] = counters_.read_failed.load();
     d["timings_dropped"] = timings_dropped_.load();
     d["short_slice"] = short_slice_.load();
+    d["io_realtime"] = io_realtime_.load();
     std::lock_guard<std::mutex> lock(mu_);
     d["queued"] = queue_.size();
     d["with_python"] = with_python_.size();
@@ -635,6 +661,8 @@ class Intake {
   int port_ = 0;
   int event_fd_ = -1;
   std::atomic<bool> short_slice_{false};  // the kernel granted the intake thread a short slice
+  const int io_priority_;                  // SCHED_RR priority asked for (0: none)
+  std::atomic<bool> io_realtime_{false};   // ... and granted
 
   std::mutex mu_;  // guards everything below
   std::deque<Call*> queue_;
@@ -659,12 +687,12 @@ PYBIND11_MODULE(_intake, m) {
   m.doc() = "Native gRPC intake: RPCs as bytes, handed to Python in bulk (see intake.py).";
   py::class_<Intake>(m, "Intake")
       .def(py::init<std::string, std::vector<std::string>, int, int, bool, std::string,
-                    std::string, std::string, std::vector<std::string>, std::vector<int>>(),
+                    std::string, std::string, std::vector<std::string>, std::vector<int>, int>(),
            py::arg("address"), py::arg("methods"), py::arg("max_pending"),
            py::arg("max_message_bytes"), py::arg("reuse_port"), py::arg("tls_cert") = "",
            py::arg("tls_key") = "", py::arg("tls_client_ca") = "",
            py::arg("health_services") = std::vector<std::string>{""},
-           py::arg("judged_methods") = std::vector<int>{})
+           py::arg("judged_methods") = std::vector<int>{}, py::arg("io_priority") = 0)
       .def("start", &Intake::Start, py::call_guard<py::gil_scoped_release>())
       .def("set_serving", &Intake::SetServing, py::call_guard<py::gil_scoped_release>())
       .def("fileno", &Intake::EventFd)

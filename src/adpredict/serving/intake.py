@@ -174,7 +174,9 @@ class NativeFrontend:
 
     ``await start()`` binds and returns the port (health NOT_SERVING until ``set_serving``);
     ``await stop(grace_s)``: new calls get UNAVAILABLE, calls already taken finish within
-    ``grace_s``. TLS files are paths, as for the grpc.aio front end.
+    ``grace_s``. TLS files are paths, as for the grpc.aio front end. ``io_priority`` > 0 runs
+    grpc++'s and the intake's threads at that SCHED_RR priority (``_intake.cpp``, ``Start``);
+    if the kernel refuses it (no CAP_SYS_NICE) a warning is logged and they run as usual.
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class NativeFrontend:
         tls_cert: str = "",
         tls_key: str = "",
         tls_client_ca: str = "",
+        io_priority: int = 0,
     ) -> None:
         if _intake is None:
             raise StartupError(
@@ -208,7 +211,9 @@ class NativeFrontend:
             _read(tls_client_ca),
             ["", SERVICE_NAME],
             [_PREDICT],
+            io_priority,
         )
+        self._io_priority = io_priority
         self._address = address
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, PendingPredict] = {}  # call id -> its Predict in the batcher
@@ -223,6 +228,12 @@ class NativeFrontend:
             port = await asyncio.to_thread(self._intake.start)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {self._address} (gRPC port): {exc}") from None
+        if self._io_priority and not self._intake.stats()["io_realtime"]:
+            logger.warning(
+                "--io-priority %d: the kernel refused SCHED_RR (needs CAP_SYS_NICE: root, or "
+                "docker run --cap-add SYS_NICE); gRPC's threads run at normal priority",
+                self._io_priority,
+            )
         self._publish_admission()
         self._loop.add_reader(self._intake.fileno(), self._on_ready)
         self._stats_task = self._loop.create_task(self._report_stats(), name="intake-stats")

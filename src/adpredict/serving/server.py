@@ -145,6 +145,9 @@ class ServerOptions:
     # Who receives RPCs: "grpcio" (grpc.aio on the event loop) or "native" (the C++ intake,
     # adpredict.serving.intake: no reflection; max_concurrent_rpcs bounds calls held by Python).
     frontend: str = "grpcio"
+    # With the native front end: SCHED_RR priority of grpc++'s and the intake's threads, so an
+    # arriving call is read and judged before compute resumes (0 = normal; needs CAP_SYS_NICE).
+    io_priority: int = 0
     tls_cert: str = ""  # PEM certificate chain: the gRPC port is TLS-only ("" = plaintext)
     tls_key: str = ""  # PEM private key of tls_cert (unencrypted)
     tls_client_ca: str = ""  # PEM CA bundle: clients need a certificate it signed (mTLS)
@@ -191,6 +194,7 @@ class ServerOptions:
         integer("max_candidates", 1)
         integer("max_message_bytes", 1024)
         integer("max_concurrent_rpcs", 0)
+        integer("io_priority", 0, 99)
         integer("intra_op_threads", 0, 1024)
         integer("inter_op_threads", 0, 1024)
         integer("warmup_batches", 1, 100)
@@ -210,6 +214,11 @@ class ServerOptions:
             out.append(f"metrics_port and port are both {self.port}")
         if self.frontend not in FRONTENDS:
             out.append(f"frontend must be one of {list(FRONTENDS)}, got {self.frontend!r}")
+        if self.io_priority and self.frontend != "native":
+            out.append(
+                f"io_priority {self.io_priority} needs frontend 'native' (it sets the priority "
+                f"of the C++ intake's threads), got {self.frontend!r}"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             out.append("tls_cert and tls_key go together: give both (TLS) or neither")
         if self.tls_client_ca and not self.tls_cert:
@@ -537,6 +546,7 @@ class PredictionServer:
             tls_cert=opts.tls_cert,
             tls_key=opts.tls_key,
             tls_client_ca=opts.tls_client_ca,
+            io_priority=opts.io_priority,
         )
         return await self._native.start()
 
