@@ -412,18 +412,9 @@ def histogram_delta(
     scrapes, summed over other labels, by ascending ``le`` ([] without both scrapes)."""
     if before is None or after is None:
         return []
-
-    def buckets(scrape: loadtest.Scrape) -> dict[float, float]:
-        out: dict[float, float] = {}
-        for (n, ls), v in scrape.items():
-            d = dict(ls)
-            if n == f"{name}_bucket" and all(d.get(k) == w for k, w in labels.items()):
-                le = float(d["le"])
-                out[le] = out.get(le, 0.0) + v
-        return out
-
-    a, b = buckets(after), buckets(before)
-    return [(le, a[le] - b.get(le, 0.0)) for le in sorted(a)]
+    a = loadtest._by_label(after, f"{name}_bucket", "le", **labels)
+    b = loadtest._by_label(before, f"{name}_bucket", "le", **labels)
+    return sorted((float(le), v - b.get(le, 0.0)) for le, v in a.items())
 
 
 def bucket_quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:

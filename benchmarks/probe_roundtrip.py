@@ -26,6 +26,12 @@ import numpy as np
 METHOD = "/probe.Nothing/Call"
 
 
+def _expect_unimplemented(exc: grpc.RpcError, target: str) -> None:
+    """The answer every probe call must get; anything else means a wrong --target."""
+    if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+        raise SystemExit(f"--target {target}: {exc.code().name} {exc.details()}") from None
+
+
 def blocking(target: str, calls: int, gap_s: float) -> np.ndarray:
     with grpc.insecure_channel(target) as channel:
         call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
@@ -35,10 +41,7 @@ def blocking(target: str, calls: int, gap_s: float) -> np.ndarray:
             try:
                 call(b"", timeout=5.0)
             except grpc.RpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
-                    raise SystemExit(
-                        f"--target {target}: {exc.code().name} {exc.details()}"
-                    ) from None
+                _expect_unimplemented(exc, target)
             out.append(time.monotonic() - t0)
             if gap_s:
                 time.sleep(gap_s)
@@ -54,10 +57,7 @@ async def asyncio_client(target: str, calls: int, gap_s: float) -> np.ndarray:
             try:
                 await call(b"", timeout=5.0)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
-                    raise SystemExit(
-                        f"--target {target}: {exc.code().name} {exc.details()}"
-                    ) from None
+                _expect_unimplemented(exc, target)
             out.append(time.monotonic() - t0)
             if gap_s:
                 await asyncio.sleep(gap_s)

@@ -282,12 +282,12 @@ class Intake {
         queue_.pop_front();
         if (call->deadline <= now) {  // (grpc also ends such a call: done may be set)
           expired.push_back(call);
-          TimeAnswerLocked(call, now);
+          RefusedLocked(counters_.expired_before_pickup, call, now);
           continue;
         }
         if (call->done) {  // its caller cancelled it while it waited
           cancelled.push_back(call);
-          TimeAnswerLocked(call, now);
+          RefusedLocked(counters_.cancelled_before_pickup, call, now);
           continue;
         }
         call->state = Call::State::kWithPython;
@@ -302,13 +302,11 @@ class Intake {
       }
     }
     for (Call* call : expired) {
-      counters_.expired_before_pickup[call->method]++;
       FinishWithStatus(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                                           "deadline passed before the server could take the "
                                           "request"));
     }
     for (Call* call : cancelled) {
-      counters_.cancelled_before_pickup[call->method]++;
       FinishWithStatus(call, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
     }
     py::list out;
@@ -551,15 +549,14 @@ class Intake {
   // too many calls pending, or (a judged method under admission) a budget shorter than the
   // queue's present delay. With mu_ held.
   std::optional<grpc::Status> RefusalLocked(Call* call) {
+    const double now = monotonic_now();
     if (stopping_) {
-      counters_.refused_shutting_down[call->method]++;
-      TimeAnswerLocked(call, monotonic_now());
+      RefusedLocked(counters_.refused_shutting_down, call, now);
       return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
     }
     const size_t pending = queue_.size() + with_python_.size();
     if (pending >= static_cast<size_t>(max_pending_)) {
-      counters_.refused_overloaded[call->method]++;
-      TimeAnswerLocked(call, monotonic_now());
+      RefusedLocked(counters_.refused_overloaded, call, now);
       return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                           "server overloaded: " + std::to_string(pending) +
                               " requests already pending (max_pending " +
@@ -567,13 +564,11 @@ class Intake {
     }
     // (An idle intake refuses nothing: whether a lone call can make it is the batcher's call.)
     if (sla_s_ > 0 && judged_[call->method] && pending > 0) {
-      const double now = monotonic_now();
       const double delay = OldestAgeLocked(now);
       double admit_by = std::isinf(call->deadline) ? call->received_at + sla_s_ : call->deadline;
       admit_by = std::min(admit_by, call->received_at + cap_s_);
       if (now + delay + margin_s_ > admit_by) {
-        counters_.refused_queue_delay[call->method]++;
-        TimeAnswerLocked(call, now);
+        RefusedLocked(counters_.refused_queue_delay, call, now);
         return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                             QueueDelayDetails(delay, margin_s_, admit_by - now));
       }
@@ -581,9 +576,12 @@ class Intake {
     return std::nullopt;
   }
 
-  // Notes how long `call` took to be answered here (arrival to answer), for TakeTimings. At
-  // most kMaxTimings are kept between takes; more are counted as dropped. With mu_ held.
-  void TimeAnswerLocked(const Call* call, double now) {
+  // Counts a call the intake answers itself in `counts` (a Stats reason) and notes how long it
+  // took (arrival to `now`) for TakeTimings, so every counted refusal is also timed. At most
+  // kMaxTimings are kept between takes; more are counted as dropped. With mu_ held.
+  void RefusedLocked(std::array<std::atomic<uint64_t>, kMaxMethods>& counts, const Call* call,
+                     double now) {
+    counts[call->method]++;
     if (timings_.size() >= kMaxTimings) {
       timings_dropped_++;
       return;
@@ -677,7 +675,7 @@ class Intake {
   std::array<bool, kMaxMethods> judged_{};  // methods under queue-delay admission
   Counters counters_;
   static constexpr size_t kMaxTimings = 1 << 17;
-  std::vector<std::pair<int, float>> timings_;  // (method, seconds): see TimeAnswerLocked
+  std::vector<std::pair<int, float>> timings_;  // (method, seconds): see RefusedLocked
   std::atomic<uint64_t> timings_dropped_{0};
 };
 
